@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="kerasdiffusion",
+    version="0.1.0",
+    description="Stable Diffusion in Keras 3 on TensorFlow, with an XLA-compiled denoising loop.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kerasdiffusion", "kerasdiffusion.*", "weights_conversion", "weights_conversion.*"]),
+    package_data={"kerasdiffusion": ["data/*"]},
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.3",
+        "numpy",
+        "pillow",
+        "ftfy",
+        "regex",
+        "safetensors",
+        "huggingface_hub",
+        "tqdm",
+    ],
+    extras_require={
+        # PyTorch, diffusers and transformers are the reference implementation the tests compare against.
+        "test": ["pytest", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40"],
+        # Only needed to read legacy .ckpt files through torch.load(weights_only=True); our own
+        # restricted unpickler reads them without it.
+        "torch": ["torch>=2.1"],
+    },
+    entry_points={"console_scripts": ["kerasdiffusion=kerasdiffusion.cli:main"]},
+)
