@@ -1,0 +1,146 @@
+"""From any local checkpoint form to kerasdiffusion weights, and the converted folder on disk.
+
+Sources: a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), an
+original single file (``.safetensors`` / ``.ckpt`` with CompVis/LDM names), or a folder this module wrote
+(``kerasdiffusion.json`` beside ``unet.safetensors``, ``vae.safetensors``, ``text_encoder.safetensors``).
+
+A converted folder is written to a temporary sibling and renamed into place only when complete, so an
+interrupted conversion never leaves a half-written folder behind.
+
+Example (from the command line, without TensorFlow or PyTorch):
+
+    python -m weights_conversion v1-5-pruned-emaonly.safetensors converted/
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from weights_conversion import keras_names, ldm, readers
+from weights_conversion.errors import CheckpointError
+
+NETWORKS = ("text_encoder", "unet", "vae")
+MANIFEST = "kerasdiffusion.json"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclasses.dataclass
+class Converted:
+    """Our weights per network, plus what a pipeline needs beside them."""
+
+    weights: dict  # {"text_encoder": {path: array}, "unet": {...}, "vae": {...}}
+    scheduler_config: dict | None = None  # a diffusers scheduler_config.json, when the source has one
+    tokenizer_dir: str | None = None  # a folder with vocab.json + merges.txt, when the source has one
+    source: str = ""
+
+
+def is_converted_folder(path):
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def is_diffusers_folder(path):
+    return os.path.isdir(os.path.join(path, "unet"))
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _tokenizer_dir(path):
+    folder = os.path.join(path, "tokenizer")
+    return folder if all(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES[:2]) else None
+
+
+def _convert_networks(state_dicts):
+    converters = {
+        "text_encoder": keras_names.convert_text_encoder,
+        "unet": keras_names.convert_unet,
+        "vae": keras_names.convert_vae,
+    }
+    weights = {}
+    for network in NETWORKS:
+        weights[network] = converters[network](state_dicts.pop(network))
+    return weights
+
+
+def _load_converted_folder(path):
+    manifest = _read_json(os.path.join(path, MANIFEST))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported converted-folder format {manifest.get('format_version')!r}")
+    weights = {}
+    for network in NETWORKS:
+        file = os.path.join(path, f"{network}.safetensors")
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{path}: converted folder lacks {network}.safetensors")
+        weights[network] = readers.read_state_dict(file)
+    scheduler = _read_json(os.path.join(path, "scheduler_config.json"))
+    return Converted(weights, scheduler, _tokenizer_dir(path), manifest.get("source", path))
+
+
+def convert_source(path):
+    """Reads a local source in any supported form and returns our weights (`Converted`).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CheckpointError: if the source is not a recognised form, or its tensors do not map.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No checkpoint at {path!r}: expected a diffusers folder, a converted folder, "
+                                "or a .safetensors / .ckpt file.")
+    if os.path.isdir(path):
+        if is_converted_folder(path):
+            return _load_converted_folder(path)
+        if is_diffusers_folder(path):
+            weights = _convert_networks(readers.read_diffusers_folder(path))
+            scheduler = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+            return Converted(weights, scheduler, _tokenizer_dir(path), path)
+        raise CheckpointError(f"{path!r} is a folder but neither a diffusers folder (no unet/) nor a "
+                              f"converted one (no {MANIFEST}).")
+    if not path.endswith(SINGLE_FILE_SUFFIXES):
+        raise CheckpointError(f"{path!r}: unsupported file type; expected one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+    weights = _convert_networks(ldm.split_ldm_checkpoint(readers.read_state_dict(path)))
+    return Converted(weights, None, None, path)
+
+
+def save_converted(converted, output_dir):
+    """Writes a converted folder atomically: a temporary sibling, renamed into place when complete."""
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and os.listdir(output_dir):
+        raise FileExistsError(f"Output folder {output_dir!r} exists and is not empty.")
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
+    try:
+        for network in NETWORKS:
+            arrays = {k: np.ascontiguousarray(v) for k, v in converted.weights[network].items()}
+            save_file(arrays, os.path.join(staging, f"{network}.safetensors"))
+        if converted.scheduler_config is not None:
+            with open(os.path.join(staging, "scheduler_config.json"), "w", encoding="utf-8") as f:
+                json.dump(converted.scheduler_config, f, indent=2)
+        if converted.tokenizer_dir:
+            os.makedirs(os.path.join(staging, "tokenizer"))
+            for name in TOKENIZER_FILES:
+                file = os.path.join(converted.tokenizer_dir, name)
+                if os.path.isfile(file):
+                    shutil.copy(file, os.path.join(staging, "tokenizer", name))
+        manifest = {"format_version": FORMAT_VERSION, "source": converted.source}
+        with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+        if os.path.exists(output_dir):
+            os.rmdir(output_dir)
+        os.rename(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
