@@ -92,3 +92,50 @@ def relative_error(ours, reference):
     """Max absolute difference over the reference's max magnitude."""
     ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
     return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+# A tiny but complete Stable Diffusion: 4 VAE levels so the latent is 1/8 of the image, as in SD.
+PIPELINE_VAE = dict(TINY_VAE, block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1)
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      steps_offset=1, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True)
+
+
+def write_clip_tokenizer_files(folder, pad_token="<|endoftext|>"):
+    """vocab.json + merges.txt (transformers' format) made from the CLIP vocabulary we ship."""
+    import json
+    import os
+
+    from kerasdiffusion.tokenizer import load_clip_vocabulary
+
+    vocab, merges = load_clip_vocabulary()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n")
+    return folder
+
+
+def make_reference_pipeline(unet_in_channels=4, seed=0):
+    """A diffusers StableDiffusionPipeline (or the inpainting one, for 9 channels) with random weights."""
+    import tempfile
+
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+    from transformers import CLIPTokenizer as ReferenceTokenizer
+
+    tokenizer = ReferenceTokenizer.from_pretrained(write_clip_tokenizer_files(tempfile.mkdtemp()), model_max_length=77)
+    parts = dict(
+        unet=make_unet(seed, in_channels=unet_in_channels),
+        vae=make_vae(seed + 1, **PIPELINE_VAE),
+        text_encoder=make_text_encoder(seed + 2),
+        tokenizer=tokenizer,
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    cls = StableDiffusionInpaintPipeline if unet_in_channels == 9 else StableDiffusionPipeline
+    pipeline = cls(**parts)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -27,7 +27,7 @@ from weights_conversion.errors import CheckpointError
 NETWORKS = ("text_encoder", "unet", "vae")
 MANIFEST = "kerasdiffusion.json"
 FORMAT_VERSION = 1
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -57,8 +57,10 @@ def _read_json(path):
 
 
 def _tokenizer_dir(path):
+    """The source's tokenizer folder: vocab.json + merges.txt, or transformers 5's tokenizer.json alone."""
     folder = os.path.join(path, "tokenizer")
-    return folder if all(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES[:2]) else None
+    has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
+    return folder if (has("vocab.json") and has("merges.txt")) or has("tokenizer.json") else None
 
 
 def _convert_networks(state_dicts):

@@ -1,0 +1,161 @@
+"""End-to-end parity of the pipeline with diffusers on a tiny random model, plus the API's promises."""
+
+import numpy as np
+import pytest
+import torch
+
+from kerasdiffusion import StableDiffusion
+from kerasdiffusion import pipeline as P
+from tests import reference as R
+
+PROMPT = "a photograph of an astronaut riding a horse"
+NEGATIVE = "blurry, low quality"
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    pipeline = R.make_reference_pipeline()
+    folder = tmp_path_factory.mktemp("tiny") / "diffusers"
+    pipeline.save_pretrained(folder)
+    return pipeline, str(folder)
+
+
+@pytest.fixture(scope="module")
+def sd(reference):
+    return StableDiffusion.from_pretrained(reference[1], img_width=SIZE, img_height=SIZE, jit_compile=False,
+                                           precision="float32")
+
+
+def diffusers_scheduler(name, config):
+    import diffusers as D
+
+    classes = {
+        "ddim": (D.DDIMScheduler, {}),
+        "pndm": (D.PNDMScheduler, {}),
+        "lms": (D.LMSDiscreteScheduler, {}),
+        "euler": (D.EulerDiscreteScheduler, {}),
+        "dpmpp_2m": (D.DPMSolverMultistepScheduler, {}),
+        "dpmpp_2m_karras": (D.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    }
+    cls, extra = classes[name]
+    return cls.from_config(config, **extra)
+
+
+def reference_images(pipeline, **kwargs):
+    images = pipeline(output_type="np", **kwargs).images
+    return np.round(images * 255).astype(np.uint8)
+
+
+def pixel_differences(ours, expected):
+    difference = np.abs(ours.astype(np.int32) - expected.astype(np.int32))
+    return float(difference.mean()), float(np.percentile(difference, 99.9))
+
+
+@pytest.mark.parametrize("name", ["ddim", "pndm", "lms", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
+def test_generate_image_matches_diffusers(reference, sd, name, record_property):
+    pipeline, _ = reference
+    pipeline.scheduler = diffusers_scheduler(name, pipeline.scheduler.config)
+    noise = np.random.default_rng(7).standard_normal((2, SIZE // 8, SIZE // 8, 4)).astype("float32")
+    expected = reference_images(pipeline, prompt=[PROMPT] * 2, negative_prompt=[NEGATIVE] * 2,
+                                latents=R.nchw(noise), num_inference_steps=10, guidance_scale=7.5,
+                                height=SIZE, width=SIZE)
+    sd.scheduler = name
+    ours = sd.generate_image(sd.encode_text(PROMPT), negative_prompt=NEGATIVE, batch_size=2, num_steps=10,
+                             diffusion_noise=noise, verbose=False)
+    assert ours.shape == (2, SIZE, SIZE, 3) and ours.dtype == np.uint8
+    assert expected.std() > 20, "the reference image is too flat for the comparison to mean anything"
+    mean, p999 = pixel_differences(ours, expected)
+    record_property(f"{name}_mean_abs", mean)
+    record_property(f"{name}_p99.9", p999)
+    print(f"{name}: mean abs {mean:.3f}, 99.9th percentile {p999:.1f}")
+    assert mean <= 1.0 and p999 <= 8
+
+
+def test_inpainting_checkpoint_matches_diffusers(tmp_path, monkeypatch):
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from PIL import Image
+
+    # diffusers samples the masked image's latents; we use the posterior mean. Make diffusers do the same.
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    pipeline = R.make_reference_pipeline(unet_in_channels=9, seed=3)
+    pipeline.save_pretrained(tmp_path / "inpaint")
+    sd = StableDiffusion.from_pretrained(tmp_path / "inpaint", img_width=SIZE, img_height=SIZE, jit_compile=False,
+                                         precision="float32", scheduler="ddim")
+    assert sd.diffusion_model.inputs[0].shape[-1] == 9
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[16:48, 8:40] = 255
+    noise = rng.standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype("float32")
+    pipeline.scheduler = diffusers_scheduler("ddim", pipeline.scheduler.config)
+    expected = reference_images(pipeline, prompt=PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
+                                latents=R.nchw(noise), num_inference_steps=10, height=SIZE, width=SIZE)
+    monkeypatch.setattr(P.StableDiffusion, "_initial_noise", lambda self, d, shape, seed: noise)
+    ours = sd.inpaint(PROMPT, image, mask, num_steps=10, verbose=False)
+    mean, p999 = pixel_differences(ours, expected)
+    print(f"inpaint 9-channel: mean abs {mean:.3f}, 99.9th percentile {p999:.1f}")
+    assert mean <= 1.0 and p999 <= 8
+
+
+def test_same_seed_same_images_and_batch_independent(sd):
+    sd.scheduler = "euler_ancestral"
+    a = sd.text_to_image(PROMPT, num_steps=3, seed=11, verbose=False)
+    b = sd.text_to_image(PROMPT, num_steps=3, seed=11, verbose=False)
+    c = sd.text_to_image(PROMPT, num_steps=3, seed=12, verbose=False)
+    batch = sd.text_to_image(PROMPT, batch_size=2, num_steps=3, seed=11, verbose=False)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1
+    assert np.abs(batch[0].astype(int) - a[0].astype(int)).max() <= 1
+    assert np.abs(batch[1].astype(int) - a[0].astype(int)).mean() > 1
+
+
+def test_xla_matches_plain_and_compiles_once(reference, sd):
+    xla = StableDiffusion.from_pretrained(reference[1], img_width=SIZE, img_height=SIZE, jit_compile=True,
+                                          precision="float32", scheduler="dpmpp_2m")
+    sd.scheduler = "dpmpp_2m"
+    kwargs = dict(num_steps=4, seed=5, verbose=False)
+    compiled = xla.text_to_image(PROMPT, **kwargs)
+    traces = xla.trace_count
+    again = xla.text_to_image(PROMPT, **kwargs)
+    assert xla.trace_count == traces == 1
+    np.testing.assert_array_equal(compiled, again)
+    mean, _ = pixel_differences(compiled, sd.text_to_image(PROMPT, **kwargs))
+    assert mean <= 0.5
+
+
+def test_image_to_image_and_legacy_inpaint_run(sd):
+    sd.scheduler = "ddim"
+    image = np.random.default_rng(2).integers(0, 256, (SIZE, SIZE + 16, 3), dtype=np.uint8)
+    out = sd.image_to_image(PROMPT, image, strength=0.5, num_steps=4, seed=1, verbose=False)
+    assert out.shape == (1, SIZE, SIZE + 16, 3)
+    untouched = sd.image_to_image(PROMPT, image, strength=0.0, num_steps=4, seed=1, verbose=False)
+    assert untouched.shape == out.shape
+    mask = np.zeros((SIZE, SIZE + 16), np.uint8)
+    mask[:, :40] = 1
+    painted = sd.inpaint([PROMPT, "a cat"], image, mask, num_steps=3, seed=1, verbose=False)
+    assert painted.shape == (2, SIZE, SIZE + 16, 3)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda sd: sd.text_to_image(PROMPT, batch_size=0), "batch_size"),
+        (lambda sd: sd.text_to_image(PROMPT, num_steps=0), "num_steps"),
+        (lambda sd: sd.image_to_image(PROMPT, np.zeros((64, 64, 3), np.uint8), strength=1.5), "strength"),
+        (lambda sd: sd.inpaint(PROMPT, np.zeros((64, 64, 3), np.uint8), np.zeros((32, 64))), "mask size"),
+        (lambda sd: sd.image_to_image(PROMPT, np.zeros((60, 64, 3), np.uint8)), "multiple of 8"),
+    ],
+)
+def test_bad_input_is_named(sd, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(sd)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        StableDiffusion(img_width=500)
+    with pytest.raises(ValueError, match="nonsense"):
+        StableDiffusion(scheduler="nonsense")
+    with pytest.raises(ValueError, match="precision"):
+        StableDiffusion(precision="float64")
