@@ -22,7 +22,9 @@ setup(
     ],
     extras_require={
         # PyTorch, diffusers and transformers are the reference implementation the tests compare against.
-        "test": ["pytest", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40"],
+        "test": ["pytest", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40", "nbclient", "nbformat", "ipykernel"],
+        # The peers the benchmarks compare against (never needed to use kerasdiffusion).
+        "bench": ["keras-cv==0.9.0", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40", "psutil"],
         # Only needed to read legacy .ckpt files through torch.load(weights_only=True); our own
         # restricted unpickler reads them without it.
         "torch": ["torch>=2.1"],
