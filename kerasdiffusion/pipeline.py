@@ -28,7 +28,7 @@ from kerasdiffusion.text_encoder import build_text_encoder
 from kerasdiffusion.tokenizer import CLIPTokenizer
 from kerasdiffusion.unet import build_unet
 from kerasdiffusion.vae import build_decoder, build_image_encoder
-from kerasdiffusion.weights import assign_weights
+from kerasdiffusion.weights import assign_all
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -128,13 +128,15 @@ class StableDiffusion:
         vae_config = C.vae_config_from_weights(weights["vae"], family)
         models["image_encoder"] = build_image_encoder(vae_config, dtype=policy)
         models["decoder"] = build_decoder(vae_config, dtype=policy)
-        assign_weights(models["text_encoder"], weights.pop("text_encoder"), "text_encoder")
-        assign_weights(models["diffusion_model"], weights.pop("unet"), "unet")
         vae = weights.pop("vae")
         encoder_weights = _vae_weights(models["image_encoder"], vae)
-        decoder_weights = {k: v for k, v in vae.items() if k not in encoder_weights}
-        assign_weights(models["image_encoder"], encoder_weights, "vae encoder")
-        assign_weights(models["decoder"], decoder_weights, "vae decoder")
+        assignments = [
+            (models["text_encoder"], weights.pop("text_encoder"), "text_encoder"),
+            (models["diffusion_model"], weights.pop("unet"), "unet"),
+            (models["image_encoder"], encoder_weights, "vae encoder"),
+            (models["decoder"], {k: v for k, v in vae.items() if k not in encoder_weights}, "vae decoder"),
+        ]
+        assign_all(assignments)
         if converted.tokenizer_dir:
             tokenizer = CLIPTokenizer.from_folder(converted.tokenizer_dir)
         else:

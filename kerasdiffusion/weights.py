@@ -52,3 +52,17 @@ def assign_weights(model, weights, network):
     check_weights(model, weights, network)
     for variable in model.weights:
         variable.assign(np.asarray(weights[variable.path]).astype(variable.dtype, copy=False))
+
+
+def assign_all(assignments):
+    """Checks every ``(model, weights, network)`` first, then assigns; one error lists every network's problems."""
+    problems = []
+    for model, weights, network in assignments:
+        try:
+            check_weights(model, weights, network)
+        except CheckpointError as error:
+            problems.append(str(error))
+    if problems:
+        raise CheckpointError("\n".join(problems))
+    for model, weights, network in assignments:
+        assign_weights(model, weights, network)
