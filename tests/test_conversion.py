@@ -64,6 +64,7 @@ def model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("forms")
     pipeline = R.make_reference_pipeline(seed=20)
     pipeline.save_pretrained(folder / "diffusers")
+    pipeline.save_pretrained(folder / "diffusers-bin", safe_serialization=False)  # pickled .bin weights
     ldm = ldm_fixtures.diffusers_to_ldm(R.state_dict_numpy(pipeline.unet), R.state_dict_numpy(pipeline.vae),
                                         R.state_dict_numpy(pipeline.text_encoder))
     ldm.update(ldm_fixtures.latent_diffusion_extras(ldm))
@@ -73,8 +74,10 @@ def model(tmp_path_factory):
     return dict(pipeline=pipeline, expected=reference_outputs(pipeline), folder=folder, ldm=ldm)
 
 
-@pytest.mark.parametrize("form", ["diffusers", "model.safetensors", "model.ckpt"])
+@pytest.mark.parametrize("form", ["diffusers", "diffusers-bin", "model.safetensors", "model.ckpt"])
 def test_every_source_form_matches_reference(model, form):
+    if form == "diffusers-bin":
+        assert os.path.isfile(model["folder"] / form / "unet" / "diffusion_pytorch_model.bin")
     sd = load(model["folder"] / form)
     assert_matches(our_outputs(sd), model["expected"])
 
