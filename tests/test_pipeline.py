@@ -98,6 +98,58 @@ def test_inpainting_checkpoint_matches_diffusers(tmp_path, monkeypatch):
     assert mean <= 1.0 and p999 <= 8
 
 
+@pytest.fixture
+def fixed_noise(monkeypatch):
+    """The same initial noise for diffusers and us, and the VAE posterior's mean on both sides."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img_module
+
+    noise = np.random.default_rng(4).standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype("float32")
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    monkeypatch.setattr(img2img_module, "randn_tensor", lambda shape, **kwargs: R.nchw(noise))
+    monkeypatch.setattr(P.StableDiffusion, "_initial_noise", lambda self, d, shape, seed: noise)
+    return noise
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
+def test_image_to_image_matches_diffusers(reference, sd, fixed_noise, name):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    pipeline = StableDiffusionImg2ImgPipeline(**reference[0].components)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.scheduler = diffusers_scheduler(name, pipeline.scheduler.config)
+    image = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    expected = reference_images(pipeline, prompt=PROMPT, image=Image.fromarray(image), strength=0.6,
+                                num_inference_steps=10)
+    sd.scheduler = name
+    ours = sd.image_to_image(PROMPT, image, strength=0.6, num_steps=10, verbose=False)
+    mean, p999 = pixel_differences(ours, expected)
+    print(f"image_to_image {name}: mean abs {mean:.3f}, 99.9th percentile {p999:.1f}")
+    assert mean <= 1.0 and p999 <= 8
+
+
+def test_legacy_inpaint_matches_diffusers(reference, sd, fixed_noise):
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    pipeline = StableDiffusionInpaintPipeline(**reference[0].components)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.scheduler = diffusers_scheduler("ddim", pipeline.scheduler.config)
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[8:40, 24:56] = 255
+    expected = reference_images(pipeline, prompt=PROMPT, image=Image.fromarray(image),
+                                mask_image=Image.fromarray(mask), latents=R.nchw(fixed_noise),
+                                num_inference_steps=10, height=SIZE, width=SIZE)
+    sd.scheduler = "ddim"
+    ours = sd.inpaint(PROMPT, image, mask, num_steps=10, verbose=False)
+    mean, p999 = pixel_differences(ours, expected)
+    print(f"inpaint 4-channel: mean abs {mean:.3f}, 99.9th percentile {p999:.1f}")
+    assert mean <= 1.0 and p999 <= 8
+
+
 def test_same_seed_same_images_and_batch_independent(sd):
     sd.scheduler = "euler_ancestral"
     a = sd.text_to_image(PROMPT, num_steps=3, seed=11, verbose=False)
