@@ -88,8 +88,7 @@ class StableDiffusion:
         self.source = os.fspath(source) if source is not None else sources.DEFAULT_MODEL
         self._prediction_type = prediction_type
         self._scheduler_request = scheduler
-        get_scheduler = S.get_scheduler(scheduler)  # validates the name now, not at first use
-        del get_scheduler
+        S.get_scheduler(scheduler)  # fails on an unknown name now, not at first use
         self._components = None
         self._step_functions = {}
         self._compiled = {}
@@ -189,7 +188,8 @@ class StableDiffusion:
 
     def _compiled_call(self, name, model):
         if name not in self._compiled:
-            self._compiled[name] = tf.function(lambda x: model(x, training=False), jit_compile=self.jit_compile)
+            # A tf.function of the model itself: one per model, so two pipelines never share a trace history.
+            self._compiled[name] = tf.function(model, jit_compile=self.jit_compile)
         return self._compiled[name]
 
     def encode_text(self, prompt):
