@@ -1,5 +1,8 @@
 """kerasdiffusion: Stable Diffusion in Keras 3 on TensorFlow, with an XLA-compiled denoising loop.
 
+The public names are re-exported lazily (PEP 562), so that `python -m kerasdiffusion --help` and the
+command line's argument checks answer before TensorFlow is imported.
+
 Example:
 
     >>> import kerasdiffusion as kd                                      # doctest: +SKIP
@@ -8,23 +11,31 @@ Example:
     (1, 512, 512, 3)
 """
 
+import importlib
 import os as _os
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from kerasdiffusion.config import TextEncoderConfig, UNetConfig, VAEConfig  # noqa: E402
-from kerasdiffusion.pipeline import StableDiffusion  # noqa: E402
-from kerasdiffusion.schedulers import SCHEDULER_NAMES, SchedulerConfig, get_scheduler  # noqa: E402
-from kerasdiffusion.tokenizer import CLIPTokenizer  # noqa: E402
-
 __version__ = "0.1.0"
-__all__ = [
-    "CLIPTokenizer",
-    "SCHEDULER_NAMES",
-    "SchedulerConfig",
-    "StableDiffusion",
-    "TextEncoderConfig",
-    "UNetConfig",
-    "VAEConfig",
-    "get_scheduler",
-]
+_EXPORTS = {
+    "StableDiffusion": "kerasdiffusion.pipeline",
+    "CLIPTokenizer": "kerasdiffusion.tokenizer",
+    "SchedulerConfig": "kerasdiffusion.schedulers",
+    "get_scheduler": "kerasdiffusion.schedulers",
+    "SCHEDULER_NAMES": "kerasdiffusion.config",
+    "PRECISIONS": "kerasdiffusion.config",
+    "TextEncoderConfig": "kerasdiffusion.config",
+    "UNetConfig": "kerasdiffusion.config",
+    "VAEConfig": "kerasdiffusion.config",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kerasdiffusion' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

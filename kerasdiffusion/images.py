@@ -1,13 +1,33 @@
-"""Pixels in and out: uint8 <-> [-1, 1], PIL images, masks.
+"""Pixels in and out: uint8 <-> [-1, 1], PIL images, masks, and PNG files that carry their parameters.
 
 Example:
 
 >>> import numpy as np
 >>> to_uint8(np.array([[-1.0, 0.0, 1.0]])).tolist()
 [[0, 128, 255]]
+>>> print(png_parameters("a fox", "blurry", 25, 7.5, 42, "dpmpp_2m_karras", "sd15", 512, 512)["parameters"])
+a fox
+Negative prompt: blurry
+Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15
 """
 
+import json
+import os
+import uuid
+
 import numpy as np
+
+# Our scheduler names -> the sampler names AUTOMATIC1111's web UI writes in its "parameters" text (and
+# parses back). PLMS is the PNDM variant diffusers runs with skip_prk_steps.
+A1111_SAMPLERS = {
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "lms": "LMS",
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+}
 
 
 def to_uint8(images):
@@ -59,3 +79,89 @@ def mask_from_input(mask, height, width):
     if array.max(initial=0) > 1:
         array = array / 255.0
     return (array >= 0.5).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ PNG with metadata
+
+
+def _a1111_quote(value):
+    """A value as AUTOMATIC1111 writes it in "Key: value" lists: JSON-quoted if it holds ',', ':' or a newline."""
+    text = str(value)
+    if "," in text or ":" in text or "\n" in text:
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def a1111_parameters(prompt, negative_prompt, steps, guidance, seed, scheduler, model_name, width, height,
+                     batch_size=1, batch_index=0):
+    """The ``parameters`` text AUTOMATIC1111's web UI writes into its PNGs, and reads back ("PNG Info").
+
+    The prompt, a ``Negative prompt:`` line when there is one, then ``Steps: 50, Sampler: DDIM, CFG scale: 7.5,
+    Seed: 1, Size: 512x512, Model: name`` (plus ``Batch size`` and ``Batch pos`` for batches, as A1111 wrote them).
+    """
+    fields = {
+        "Steps": steps,
+        "Sampler": A1111_SAMPLERS.get(scheduler, scheduler),
+        "CFG scale": f"{guidance:g}",
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model_name,
+        "Batch size": batch_size if batch_size > 1 else None,
+        "Batch pos": batch_index if batch_size > 1 else None,
+    }
+    settings = ", ".join(f"{key}: {_a1111_quote(value)}" for key, value in fields.items() if value is not None)
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{settings}".strip()
+
+
+def png_parameters(prompt, negative_prompt, steps, guidance, seed, scheduler, model, width, height, batch_size=1,
+                   batch_index=0, model_name=None):
+    """The text chunks of a generated image: one per parameter, plus A1111's ``parameters`` (see `a1111_parameters`).
+
+    ``model`` is the source as given; ``model_name`` the short name for A1111's ``Model:`` (default: ``model``).
+    """
+    return {
+        "parameters": a1111_parameters(prompt, negative_prompt, steps, guidance, seed, scheduler,
+                                       model_name or model, width, height, batch_size, batch_index),
+        "prompt": prompt,
+        "negative_prompt": negative_prompt or "",
+        "steps": str(steps),
+        "guidance": f"{guidance:g}",
+        "seed": str(seed),
+        "scheduler": scheduler,
+        "model": str(model),
+        "width": str(width),
+        "height": str(height),
+        "batch_size": str(batch_size),
+        "batch_index": str(batch_index),
+    }
+
+
+def write_pngs(images, paths, texts):
+    """Writes uint8 images ``[H, W, 3]`` as PNGs with text chunks, all or nothing.
+
+    Each image goes to a hidden temporary file beside its target; only when every one is complete are they
+    renamed into place, so a failure (full disk, interruption) leaves no partial or truncated PNG behind.
+    Text that Latin-1 cannot encode goes into an international (UTF-8) text chunk.
+    """
+    from PIL import Image, PngImagePlugin
+
+    staged = []
+    try:
+        for image, path, text in zip(images, paths, texts, strict=True):
+            info = PngImagePlugin.PngInfo()
+            for key, value in text.items():
+                info.add_text(key, value)
+            folder, name = os.path.split(os.path.abspath(path))
+            temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+            staged.append((temporary, path))
+            with open(temporary, "xb") as f:
+                Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG", pnginfo=info)
+        for temporary, path in staged:
+            os.replace(temporary, path)
+    except BaseException:
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        raise
+    return list(paths)

@@ -30,7 +30,7 @@ from kerasdiffusion.unet import build_unet
 from kerasdiffusion.vae import build_decoder, build_image_encoder
 from kerasdiffusion.weights import assign_all
 
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+from kerasdiffusion.config import PRECISIONS
 
 
 def default_precision():

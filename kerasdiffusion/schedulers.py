@@ -19,7 +19,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-SCHEDULER_NAMES = ("ddim", "pndm", "lms", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras")
+from kerasdiffusion.config import SCHEDULER_NAMES  # noqa: F401  (re-exported)
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 _BETA_SCHEDULES = ("scaled_linear", "linear")

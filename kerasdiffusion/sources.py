@@ -3,6 +3,11 @@
 Everything ends as a `weights_conversion.Converted`: our weights per network, plus the scheduler config and
 tokenizer files when the source has them. The model family and every size are read from the weights.
 
+Converting a checkpoint takes seconds to minutes, so the result is cached as a converted folder, keyed by
+the source's identity: under ``$KERASDIFFUSION_CACHE`` if set, else ``$XDG_CACHE_HOME/kerasdiffusion``, else
+``~/.cache/kerasdiffusion``. ``KERASDIFFUSION_NO_CACHE=1`` (or ``resolve(..., use_cache=False)``) turns the
+cache off. Converted folders are loaded as they are, never cached again.
+
 Example:
 
 >>> from kerasdiffusion.sources import is_hub_id
@@ -10,13 +15,29 @@ Example:
 (True, False)
 """
 
+import hashlib
+import json
+import logging
 import os
 import re
+import shutil
+import time
+import uuid
 
-from weights_conversion.convert import convert_source
+from weights_conversion.convert import (
+    FORMAT_VERSION,
+    SINGLE_FILE_SUFFIXES,
+    convert_source,
+    is_converted_folder,
+    is_diffusers_folder,
+    save_converted,
+)
+from weights_conversion.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-# The files a diffusers repository needs for our pipeline, safetensors preferred.
+# The non-weight files of a diffusers repository our pipeline reads; all small.
 HUB_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
@@ -25,40 +46,342 @@ HUB_PATTERNS = [
     "unet/config.json",
     "vae/config.json",
 ]
-HUB_WEIGHT_PATTERNS = {
-    "safetensors": ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
-                    "vae/diffusion_pytorch_model.safetensors"],
-    "fp16": ["text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-             "vae/diffusion_pytorch_model.fp16.safetensors"],
-}
+HUB_NETWORKS = ("unet", "vae", "text_encoder")
+WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+CACHE_ENV = "KERASDIFFUSION_CACHE"
+NO_CACHE_ENV = "KERASDIFFUSION_NO_CACHE"
+# Part of every cache key: bump it when the conversion's output changes, so older entries are not reused.
+CACHE_VERSION = 1
+# A local file's key hashes this much of its head and of its tail (see `file_key`).
+EDGE_BYTES = 1 << 20
+# Staging folders of writers killed outright (no chance to clean up) are removed after this long.
+STALE_STAGING_SECONDS = 24 * 3600
+
+# A Hub repo id as huggingface_hub validates it: two names of word characters, '.' and '-', each starting
+# and ending with a word character.
+_HUB_NAME = r"\w(?:[\w.-]*\w)?"
+_HUB_ID = re.compile(f"{_HUB_NAME}/{_HUB_NAME}")
+
+
+# ------------------------------------------------------------------------------------------ what a source is
 
 
 def is_hub_id(source):
-    """``org/name`` that is not an existing local path."""
+    """``org/name`` that is not an existing local path (nor looks like a checkpoint file)."""
     source = os.fspath(source)
-    return not os.path.exists(source) and re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
+    if os.path.exists(source) or source.endswith(SINGLE_FILE_SUFFIXES):
+        return False
+    return _HUB_ID.fullmatch(source) is not None and ".." not in source and "--" not in source
 
 
-def download(repo_id, half_precision=False):
-    """Downloads the diffusers files we need from the Hub (or finds them in its local cache)."""
-    from huggingface_hub import snapshot_download
+def source_kind(source):
+    """``"hub"``, ``"converted"``, ``"diffusers"`` or ``"file"``; checks only what is cheap to check.
 
-    weights = HUB_WEIGHT_PATTERNS["fp16" if half_precision else "safetensors"]
-    try:
-        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS + weights)
-    except Exception as error:  # huggingface_hub raises many kinds: offline, missing repo, network
-        raise OSError(
-            f"Could not get {repo_id!r} from the Hugging Face Hub ({type(error).__name__}: {error}). "
-            "Pass a local diffusers folder, a converted folder or a .safetensors / .ckpt file instead."
-        ) from error
-
-
-def resolve(source, half_precision=False):
-    """Reads (and converts, where needed) the weights of any supported source."""
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        CheckpointError: a folder or file of a form we cannot read.
+    """
     source = os.fspath(source)
     if is_hub_id(source):
-        folder = download(source, half_precision)
-        converted = convert_source(folder)
-        converted.source = source
+        return "hub"
+    if not os.path.exists(source):
+        raise FileNotFoundError(
+            f"No model at {source!r}: expected a Hugging Face Hub id (org/name), a diffusers folder, "
+            "a converted folder, or a .safetensors / .ckpt file."
+        )
+    if os.path.isdir(source):
+        if is_converted_folder(source):
+            return "converted"
+        if is_diffusers_folder(source):
+            return "diffusers"
+        raise CheckpointError(f"{source!r} is a folder but neither a diffusers folder (no unet/) nor a "
+                              "converted one (no kerasdiffusion.json).")
+    if not source.endswith(SINGLE_FILE_SUFFIXES):
+        raise CheckpointError(f"{source!r}: unsupported file type; expected one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+    return "file"
+
+
+def resolve(source, half_precision=False, use_cache=None, revision=None):
+    """Reads (and converts, where needed) the weights of any supported source, through the cache.
+
+    Args:
+        source: a Hub repo id, a diffusers folder, a single `.safetensors` / `.ckpt` file, or a converted folder.
+        half_precision: for Hub ids, fetch the fp16 weight files when the repository has them.
+        use_cache: `None` follows ``$KERASDIFFUSION_NO_CACHE``; `False` neither reads nor writes the cache.
+        revision: for Hub ids, a branch, tag or commit (default: the main branch).
+
+    Raises:
+        FileNotFoundError, CheckpointError: see `source_kind` and `weights_conversion.convert_source`.
+        OSError: a Hub id that cannot be fetched (offline, unknown, gated), with the reason in one line.
+    """
+    source = os.fspath(source)
+    kind = source_kind(source)
+    if kind == "hub":
+        return _resolve_hub(source, half_precision, use_cache, revision)
+    if kind == "converted":
+        return convert_source(source)
+    key = file_key(source) if kind == "file" else folder_key(source)
+    label = os.path.basename(os.path.normpath(source))
+    return _cached(_entry_name(label, key), source, lambda: convert_source(source), use_cache)
+
+
+# ------------------------------------------------------------------------------------------------ cache keys
+
+
+def _digest(*identity):
+    return hashlib.sha256(json.dumps([CACHE_VERSION, FORMAT_VERSION, *identity]).encode()).hexdigest()
+
+
+def file_key(path):
+    """The cache key of a checkpoint file: its real path, size and mtime, and a hash of its first and last MiB.
+
+    A full sha256 would read the whole file (2 to 7 GB for SD checkpoints) on every load, as slow as a good
+    part of the conversion it saves. The stat fields change with any rewrite or replacement of the file; the
+    sampled bytes guard against a replacement that keeps size and mtime (``cp -p``, ``rsync -t``): they hold a
+    safetensors file's header (every name, shape and offset) and a ``.ckpt`` zip's central directory.
+    """
+    path = os.path.realpath(path)
+    stat = os.stat(path)
+    digest = hashlib.sha256(_digest("file", path, stat.st_size, stat.st_mtime_ns).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(EDGE_BYTES))
+        if stat.st_size > EDGE_BYTES:
+            f.seek(max(EDGE_BYTES, stat.st_size - EDGE_BYTES))
+            digest.update(f.read(EDGE_BYTES))
+    return digest.hexdigest()
+
+
+def folder_key(path):
+    """The cache key of a diffusers folder: its real path, and the name, size and mtime of each file we read.
+
+    Config and tokenizer files count too, since the converted folder carries copies of them.
+    """
+    path = os.path.realpath(path)
+    files = []
+    for part in ("model_index.json", "scheduler", "tokenizer", *HUB_NETWORKS):
+        for file in _files_under(os.path.join(path, part)):
+            stat = os.stat(file)  # follows links, as into a Hugging Face cache's blobs
+            files.append([os.path.relpath(file, path), stat.st_size, stat.st_mtime_ns])
+    return _digest("diffusers", path, sorted(files))
+
+
+def hub_key(repo_id, commit, half_precision):
+    """The cache key of a Hub repository at a resolved commit, for the precision of the files fetched."""
+    return _digest("hub", repo_id, commit, "fp16" if half_precision else "full")
+
+
+def _files_under(path):
+    if os.path.isfile(path):
+        return [path]
+    return sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+
+
+def _entry_name(label, key):
+    """A readable, unique folder name: ``v1-5-pruned-emaonly-<16 hex digits>``."""
+    for suffix in SINGLE_FILE_SUFFIXES:
+        label = label.removesuffix(suffix)
+    stem = re.sub(r"[^\w.-]+", "-", label).strip(".-")[:60] or "model"
+    return f"{stem}-{key[:16]}"
+
+
+# ----------------------------------------------------------------------------------------------------- cache
+
+
+def cache_dir():
+    """Where converted weights are cached: ``$KERASDIFFUSION_CACHE``, ``$XDG_CACHE_HOME/kerasdiffusion`` or
+    ``~/.cache/kerasdiffusion``."""
+    if os.environ.get(CACHE_ENV):
+        return os.path.abspath(os.path.expanduser(os.environ[CACHE_ENV]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kerasdiffusion")
+
+
+def cache_enabled(use_cache=None):
+    if use_cache is not None:
+        return bool(use_cache)
+    return os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def _cached(name, source, convert, use_cache):
+    """The converted weights of ``source``: from the cache entry ``name``, or converted and stored there.
+
+    An entry appears only by renaming a complete staging folder (`save_converted`), so a reader sees a whole
+    entry or none; an entry that still fails to load is moved aside and rebuilt.
+    """
+    if not cache_enabled(use_cache):
+        return _convert(source, convert)
+    entry = os.path.join(cache_dir(), "converted", name)
+    if is_converted_folder(entry):
+        try:
+            converted = convert_source(entry)
+        except (ValueError, OSError) as error:  # CheckpointError is a ValueError, as is a corrupt manifest's
+            logger.warning("Ignoring unreadable cache entry %s (%s); converting again.", entry, error)
+            _discard(entry)
+        else:
+            logger.info("Loaded converted weights of %s from the cache (%s).", source, entry)
+            return converted
+    converted = _convert(source, convert)
+    _store(converted, entry)
+    return converted
+
+
+def _convert(source, convert):
+    logger.info("Converting %s to kerasdiffusion weights...", source)
+    start = time.perf_counter()
+    converted = convert()
+    logger.info("Converted %s in %.1f s.", source, time.perf_counter() - start)
+    return converted
+
+
+def _store(converted, entry):
+    """Writes a cache entry atomically; a failure to write costs only the caching, never the load."""
+    parent = os.path.dirname(entry)
+    try:
+        save_converted(converted, entry)
+    except OSError as error:
+        if not is_converted_folder(entry):  # else another process stored the same entry first: fine
+            logger.warning("Could not cache the converted weights in %s: %s", entry, error)
+        return
+    logger.info("Cached the converted weights in %s.", entry)
+    _remove_stale_staging(parent)
+
+
+def _discard(entry):
+    """Moves an entry aside in one rename (so no reader sees it half deleted), then deletes it."""
+    trash = os.path.join(os.path.dirname(entry), f".discarded-{uuid.uuid4().hex}")
+    try:
+        os.rename(entry, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_stale_staging(parent):
+    """Staging folders left by writers that were killed outright (``save_converted`` cleans up otherwise)."""
+    now = time.time()
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith((".converting-", ".discarded-")):
+            try:
+                if now - os.path.getmtime(path) > STALE_STAGING_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass
+
+
+# ------------------------------------------------------------------------------------------------------- Hub
+
+
+def _resolve_hub(repo_id, half_precision, use_cache, revision):
+    """Resolves the revision to a commit (fetching only the small config files), then looks in the cache;
+    only on a miss are the weight files fetched and converted."""
+    configs = _snapshot(repo_id, revision, HUB_PATTERNS)
+    commit = os.path.basename(os.path.normpath(configs))
+
+    def download_and_convert():
+        converted = convert_source(_download_weights(repo_id, commit, configs, half_precision))
+        converted.source = repo_id
         return converted
-    return convert_source(source)
+
+    name = _entry_name(repo_id.replace("/", "--"), hub_key(repo_id, commit, half_precision))
+    return _cached(name, repo_id, download_and_convert, use_cache)
+
+
+def _download_weights(repo_id, commit, configs, half_precision):
+    """Fetches the weight files `hub_weight_files` picks into the snapshot folder, and returns that folder."""
+    files, listed_on_hub = _repo_files(repo_id, commit, configs)
+    try:
+        weights = hub_weight_files(files, half_precision)
+    except LookupError as missing:
+        where = "" if listed_on_hub else " in the local Hugging Face cache (the Hub cannot be reached)"
+        raise OSError(f"{repo_id!r} has no {missing.args[0]} weights{where}: looked for {missing.args[0]}/"
+                      "diffusion_pytorch_model[.fp16].safetensors and the like. Is it a diffusers Stable "
+                      "Diffusion repository?") from None
+    return _snapshot(repo_id, commit, HUB_PATTERNS + weights)
+
+
+def hub_weight_files(files, half_precision=False):
+    """The weight files to fetch, one per network (or its shards with their index), from a repository's list.
+
+    Safetensors come before pickles. With ``half_precision`` the fp16 variant comes first, then the full
+    precision files for repositories that have no fp16 variant; without it, full precision comes first and an
+    fp16-only repository still loads.
+
+    Raises:
+        LookupError: with the network's name, when a network has no weight file in the list.
+    """
+    files = set(files)
+    chosen = []
+    for network in HUB_NETWORKS:
+        found = _network_files(files, network, half_precision)
+        if not found:
+            raise LookupError(network)
+        chosen += found
+    return chosen
+
+
+def _network_files(files, network, half_precision):
+    fp16_first = [(".fp16", "safetensors"), ("", "safetensors"), (".fp16", "bin"), ("", "bin")]
+    full_first = [("", "safetensors"), ("", "bin"), (".fp16", "safetensors"), (".fp16", "bin")]
+    for variant, ext in fp16_first if half_precision else full_first:
+        for base in WEIGHT_BASENAMES:
+            single = f"{network}/{base}{variant}.{ext}"
+            if single in files:
+                return [single]
+            shard = re.compile(rf"{network}/{base}{re.escape(variant)}-\d+-of-\d+\.{ext}")
+            shards = sorted(f for f in files if shard.fullmatch(f))
+            for index in (f"{network}/{base}{variant}.{ext}.index.json", f"{network}/{base}.{ext}.index{variant}.json"):
+                if index in files and shards:
+                    return [index, *shards]
+    return []
+
+
+def _repo_files(repo_id, commit, local_folder):
+    """The repository's file names at ``commit``, and whether the Hub listed them; offline, what the local
+    snapshot holds."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().list_repo_files(repo_id, revision=commit), True
+    except Exception:  # noqa: BLE001 (offline or unreachable: huggingface_hub raises many kinds)
+        folder = os.path.realpath(local_folder)
+        return [os.path.relpath(f, folder).replace(os.sep, "/") for f in _files_under(folder)], False
+
+
+def _snapshot(repo_id, revision, patterns):
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except Exception as error:  # offline, unknown repo, gated, network, bad id: many kinds, one message
+        raise hub_error(repo_id, error) from error
+
+
+def hub_error(repo_id, error):
+    """One-line `OSError` for a failed Hub access: the source, the reason, and how to pass a local path."""
+    from huggingface_hub import utils
+
+    if isinstance(error, utils.GatedRepoError):
+        reason = "the repository is gated: accept its conditions on huggingface.co, then log in (`hf auth login`)"
+    elif isinstance(error, utils.RepositoryNotFoundError):
+        reason = "no such repository (or it is private: log in with `hf auth login`)"
+    elif isinstance(error, utils.RevisionNotFoundError):
+        reason = "no such revision"
+    elif isinstance(error, getattr(utils, "IncompleteSnapshotError", ())):
+        reason = "the Hub cannot be reached and its local copy is incomplete"
+    elif isinstance(error, utils.LocalEntryNotFoundError):
+        reason = "the Hub cannot be reached (offline?) and the model is not in the local Hugging Face cache"
+    else:
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+    folder = repo_id.split("/")[0]
+    path_hint = f" (nor is there a {repo_id!r} in the local folder {folder!r})" if os.path.isdir(folder) else ""
+    return OSError(
+        f"Could not get {repo_id!r} from the Hugging Face Hub: {reason}{path_hint}. To use weights on this "
+        "machine, pass a local path instead: a diffusers folder, a converted folder or a .safetensors / .ckpt file."
+    )
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

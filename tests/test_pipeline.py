@@ -27,7 +27,8 @@ def sd(reference):
                                            precision="float32")
 
 
-def diffusers_scheduler(name, config):
+def diffusers_scheduler(name):
+    """The diffusers scheduler `name` stands for, from the SD 1.5 config (never from a previous test's)."""
     import diffusers as D
 
     classes = {
@@ -39,7 +40,7 @@ def diffusers_scheduler(name, config):
         "dpmpp_2m_karras": (D.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     }
     cls, extra = classes[name]
-    return cls.from_config(config, **extra)
+    return cls.from_config(R.SD15_SCHEDULER, **extra)
 
 
 def reference_images(pipeline, **kwargs):
@@ -55,7 +56,7 @@ def pixel_differences(ours, expected):
 @pytest.mark.parametrize("name", ["ddim", "pndm", "lms", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
 def test_generate_image_matches_diffusers(reference, sd, name, record_property):
     pipeline, _ = reference
-    pipeline.scheduler = diffusers_scheduler(name, pipeline.scheduler.config)
+    pipeline.scheduler = diffusers_scheduler(name)
     noise = np.random.default_rng(7).standard_normal((2, SIZE // 8, SIZE // 8, 4)).astype("float32")
     expected = reference_images(pipeline, prompt=[PROMPT] * 2, negative_prompt=[NEGATIVE] * 2,
                                 latents=R.nchw(noise), num_inference_steps=10, guidance_scale=7.5,
@@ -88,7 +89,7 @@ def test_inpainting_checkpoint_matches_diffusers(tmp_path, monkeypatch):
     mask = np.zeros((SIZE, SIZE), np.uint8)
     mask[16:48, 8:40] = 255
     noise = rng.standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype("float32")
-    pipeline.scheduler = diffusers_scheduler("ddim", pipeline.scheduler.config)
+    pipeline.scheduler = diffusers_scheduler("ddim")
     expected = reference_images(pipeline, prompt=PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
                                 latents=R.nchw(noise), num_inference_steps=10, height=SIZE, width=SIZE)
     monkeypatch.setattr(P.StableDiffusion, "_initial_noise", lambda self, d, shape, seed: noise)
@@ -118,7 +119,7 @@ def test_image_to_image_matches_diffusers(reference, sd, fixed_noise, name):
 
     pipeline = StableDiffusionImg2ImgPipeline(**reference[0].components)
     pipeline.set_progress_bar_config(disable=True)
-    pipeline.scheduler = diffusers_scheduler(name, pipeline.scheduler.config)
+    pipeline.scheduler = diffusers_scheduler(name)
     image = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     expected = reference_images(pipeline, prompt=PROMPT, image=Image.fromarray(image), strength=0.6,
                                 num_inference_steps=10)
@@ -135,7 +136,7 @@ def test_legacy_inpaint_matches_diffusers(reference, sd, fixed_noise):
 
     pipeline = StableDiffusionInpaintPipeline(**reference[0].components)
     pipeline.set_progress_bar_config(disable=True)
-    pipeline.scheduler = diffusers_scheduler("ddim", pipeline.scheduler.config)
+    pipeline.scheduler = diffusers_scheduler("ddim")
     rng = np.random.default_rng(6)
     image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     mask = np.zeros((SIZE, SIZE), np.uint8)

@@ -123,6 +123,7 @@ def save_converted(converted, output_dir):
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
     try:
         for network in NETWORKS:
             arrays = {k: np.ascontiguousarray(v) for k, v in converted.weights[network].items()}
