@@ -125,6 +125,7 @@ def worker(spec):
 
         result["unet_flops"] = sum(unet_flops(spec["size"], batch=2).values())
     result["gpu_peak_mb"] = peer.gpu_peak_mb()
+    result["notes"] = peer.notes() if hasattr(peer, "notes") else {}
     result["load_after"] = os.getloadavg()
     result["threads"] = _threads(spec["peer"])
     return result

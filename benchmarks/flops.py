@@ -1,6 +1,6 @@
 """Floating-point operations of one model call, counted from the traced TensorFlow graph.
 
-    python benchmarks/flops.py --size 512          # our SD 1.5 UNet on the CFG batch of 2
+    python benchmarks/flops.py --size 512 --steps 50     # UNet (CFG batch of 2), VAE decoder, text encoder
 
 A multiply-add counts as 2 FLOPs, and only convolutions and matrix products are counted (elementwise
 work, norms and softmax are a few percent and are memory-bound anyway). This is the count to divide by
@@ -53,35 +53,59 @@ def graph_flops(function, *args):
     return dict(counts)
 
 
-def unet_flops(size, batch=2, config=None):
-    """FLOPs of one call of the SD 1.5 UNet (or `config`'s) on `batch` latents of a `size`x`size` image."""
-    from kerasdiffusion import config as C
+def _whole_attention_flops(model, *specs):
     from kerasdiffusion.layers import ScaledDotProductAttention
-    from kerasdiffusion.unet import build_unet
 
-    config = config or C.SD1_UNET
-    unet = build_unet(config)
-    latent = size // 8
-    specs = [tf.TensorSpec((batch, latent, latent, config.in_channels)), tf.TensorSpec((batch,)),
-             tf.TensorSpec((batch, 77, config.context_dim))]
     saved = ScaledDotProductAttention.block_scores
     ScaledDotProductAttention.block_scores = 0
     try:
-        return graph_flops(lambda x, t, c: unet([x, t, c], training=False), *specs)
+        return graph_flops(lambda *inputs: model(list(inputs) if len(inputs) > 1 else inputs[0], training=False),
+                           *specs)
     finally:
         ScaledDotProductAttention.block_scores = saved
+
+
+def unet_flops(size, batch=2):
+    """FLOPs of one call of the SD 1.5 UNet on `batch` latents of a `size`x`size` image."""
+    from kerasdiffusion import config as C
+    from kerasdiffusion.unet import build_unet
+
+    latent = size // 8
+    return _whole_attention_flops(build_unet(C.SD1_UNET), tf.TensorSpec((batch, latent, latent, 4)),
+                                  tf.TensorSpec((batch,)), tf.TensorSpec((batch, 77, 768)))
+
+
+def decoder_flops(size, batch=1):
+    """FLOPs of the SD VAE decoder on `batch` latents of a `size`x`size` image."""
+    from kerasdiffusion import config as C
+    from kerasdiffusion.vae import build_decoder
+
+    latent = size // 8
+    return _whole_attention_flops(build_decoder(C.SD_VAE), tf.TensorSpec((batch, latent, latent, 4)))
+
+
+def text_encoder_flops(batch=1):
+    """FLOPs of the SD 1.x CLIP text encoder on `batch` prompts of 77 tokens."""
+    from kerasdiffusion import config as C
+    from kerasdiffusion.text_encoder import build_text_encoder
+
+    return _whole_attention_flops(build_text_encoder(C.SD1_TEXT_ENCODER), tf.TensorSpec((batch, 77), tf.int32))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps, for the end-to-end total")
     args = parser.parse_args()
-    counts = unet_flops(args.size, args.batch)
-    total = sum(counts.values())
-    print(f"UNet SD 1.5, batch {args.batch}, {args.size}x{args.size} images: {total / 1e12:.3f} TFLOP")
-    for kind, flops in sorted(counts.items(), key=lambda item: -item[1]):
-        print(f"  {kind}: {flops / 1e12:.3f} TFLOP ({100 * flops / total:.0f}%)")
+    parts = {"UNet, CFG batch 2": unet_flops(args.size), "VAE decoder, batch 1": decoder_flops(args.size),
+             "text encoder, 1 prompt": text_encoder_flops()}
+    totals = {name: sum(counts.values()) for name, counts in parts.items()}
+    for name, counts in parts.items():
+        detail = ", ".join(f"{kind} {flops / 1e12:.3f}" for kind, flops in sorted(counts.items(), key=lambda i: -i[1]))
+        print(f"{name}, {args.size}x{args.size}: {totals[name] / 1e12:.3f} TFLOP ({detail})")
+    total = (args.steps * totals["UNet, CFG batch 2"] + totals["VAE decoder, batch 1"]
+             + 2 * totals["text encoder, 1 prompt"])
+    print(f"end to end with {args.steps} steps (prompt and negative prompt encoded): {total / 1e12:.2f} TFLOP")
 
 
 if __name__ == "__main__":

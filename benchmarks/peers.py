@@ -118,6 +118,10 @@ class Ours:
     def end_to_end(self):
         return self.sd.text_to_image(PROMPT, num_steps=self.steps, seed=0, verbose=False)
 
+    def notes(self):
+        """How many times the step was traced: 1 when end_to_end reused the program `step` compiled."""
+        return {"step_traces": self.sd.trace_count}
+
     def gpu_peak_mb(self):
         if self.device != "gpu":
             return None
