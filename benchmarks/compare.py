@@ -163,6 +163,28 @@ def run_worker_process(spec, timeout):
         return result
 
 
+def merge_rounds(results):
+    """One configuration's results over several rounds: all timed runs pooled, the first calls kept apart."""
+    good = [r for r in results if "error" not in r]
+    if not good:
+        return results[0]
+    merged = dict(good[0], rounds=len(results), failed_rounds=len(results) - len(good))
+    merged["components"] = {}
+    for name in good[0]["components"]:
+        timings = [r["components"][name] for r in good if name in r["components"]]
+        times = [t for timing in timings for t in timing["times_s"]]
+        merged["components"][name] = {
+            "first_s": statistics.median(t["first_s"] for t in timings), "firsts_s": [t["first_s"] for t in timings],
+            "times_s": times, "min_s": min(times), "median_s": statistics.median(times)}
+    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in good)
+    merged["load_before"] = good[0]["load_before"]
+    merged["load_after"] = good[-1]["load_after"]
+    merged["unet_flops"] = next((r["unet_flops"] for r in good if "unet_flops" in r), None)
+    if merged["unet_flops"] is None:
+        merged.pop("unet_flops")
+    return merged
+
+
 # Machine, versions, report.
 
 
@@ -261,8 +283,11 @@ def markdown(report):
         + (", with uncommitted changes" if report["git"]["dirty_files"] else "") + ").",
         "",
         f"Full SD 1.5 sizes, random weights, {s['size']}x{s['size']} images ({s['size'] // 8}x{s['size'] // 8} latents), "
-        f"DDIM, guidance {7.5}; end to end = prompt to uint8 image with {s['steps']} steps. "
-        f"Seconds: min / median of {s['repeats']} runs after a warm-up call (text encoder: {max(s['repeats'], 5)} runs; "
+        f"DDIM, guidance 7.5; end to end = prompt to uint8 image with {s['steps']} steps. "
+        + (f"{s['rounds']} rounds: every configuration ran {s['rounds']} times, one after the other in turn, and "
+           "its timed runs are pooled; first calls are the median over rounds. " if s.get("rounds", 1) > 1 else "")
+        + f"Seconds: min / median of {s['repeats']} runs{' per round' if s.get('rounds', 1) > 1 else ''} after a warm-up "
+        f"call (text encoder: {max(s['repeats'], 5)} runs; "
         f"end to end: {s['e2e_repeats']} run(s) after all the components had compiled, no extra warm-up), and "
         "(×ratio) of the min to the fastest configuration of that component. The step is also compared with "
         "KerasCV's own loop step. Each configuration ran in its own process, one after the other.",
@@ -320,6 +345,9 @@ def main():
                         help="comma-separated substrings; run only configurations whose label contains one")
     parser.add_argument("--components", default=",".join(COMPONENTS),
                         help=f"comma-separated subset of {', '.join(COMPONENTS)}")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole sequence of configurations this many times and pool the timings, so "
+                             "that a burst of other load on a shared machine does not decide a comparison")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per configuration")
     parser.add_argument("--name", default=None, help="results file name, without extension")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -336,7 +364,7 @@ def main():
     device = "gpu" if gpu else "cpu"
     date = datetime.date.today().isoformat()
     name = args.name or (f"{device}-{date}" if args.size == 512 else f"{device}-{date}-{args.size}px")
-    runs, seen = [], set()
+    specs, seen = [], set()
     for peer, precision, xla, attention in configurations(device):
         spec = dict(peer=peer, precision=precision, xla=xla, attention=attention,
                     label=label(peer, precision, xla, attention), size=args.size,
@@ -347,14 +375,21 @@ def main():
         spec["end_to_end"] = args.e2e == "all" or (args.e2e == "default" and peer not in seen)
         spec["count_flops"] = peer == "ours" and peer not in seen
         seen.add(peer)
-        print(f"== {spec['label']}", flush=True)
-        runs.append(run_worker_process(spec, args.timeout))
-        if "error" in runs[-1]:
-            print(f"   failed: {runs[-1]['error']}", flush=True)
+        specs.append(spec)
+    rounds = {spec["label"]: [] for spec in specs}
+    for round_index in range(args.rounds):
+        for spec in specs:
+            print(f"== {spec['label']}" + (f" (round {round_index + 1})" if args.rounds > 1 else ""), flush=True)
+            rounds[spec["label"]].append(run_worker_process(dict(spec, count_flops=spec["count_flops"]
+                                                                 and round_index == 0), args.timeout))
+            if "error" in rounds[spec["label"]][-1]:
+                print(f"   failed: {rounds[spec['label']][-1]['error']}", flush=True)
+    runs = [merge_rounds(results) for results in rounds.values()]
     report = {
         "date": date, "command": "python " + shlex.join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]]),
         "machine": machine_info(gpu), "versions": versions(), "git": git_state(),
         "settings": {"size": args.size, "steps": args.steps, "repeats": args.repeats, "e2e_repeats": args.e2e_repeats,
+                     "rounds": args.rounds,
                      "e2e": args.e2e, "device": device, "components": args.components.split(",")},
         "runs": runs,
     }

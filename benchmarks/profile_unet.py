@@ -121,6 +121,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--graph", action="store_true", help="plain tf.function graphs instead of XLA")
     parser.add_argument("--block-scores", default=f"0,{ScaledDotProductAttention.block_scores}")
+    parser.add_argument("--whole-only", action="store_true", help="time only the whole call (the A/B of block_scores)")
     args = parser.parse_args()
     settings = [int(s) for s in args.block_scores.split(",")]
     xla = not args.graph
@@ -135,6 +136,14 @@ def main():
     whole_inputs = [tensor((BATCH, latent, latent, 4)), tf.constant([500.0] * BATCH), tensor((BATCH, 77, 768))]
     whole = {s: compiled(unet, s, xla) for s in settings}
     whole_times = time_calls({s: (lambda f=f: f(*whole_inputs).numpy()) for s, f in whole.items()}, args.repeats)
+    if args.whole_only:
+        base = whole_times[settings[0]]
+        print(f"\nWhole UNet call, batch {BATCH}, {latent}x{latent} latents, {'XLA' if xla else 'graph'}, min of "
+              f"{args.repeats} interleaved runs; load average {os.getloadavg()[0]:.1f}\n")
+        print("| block_scores | wall s | CPU s | wall / first | CPU / first |\n|---|---|---|---|---|")
+        for s, (wall, cpu) in whole_times.items():
+            print(f"| {s} | {wall:.2f} | {cpu:.2f} | {wall / base[0]:.2f} | {cpu / base[1]:.2f} |")
+        return
 
     unique = collections.OrderedDict()  # (kind, level, shapes) -> [count, block]
     for kind, level, prefix, block, shapes in blocks(unet, config, latent):
