@@ -26,6 +26,7 @@ import time
 from kerasdiffusion import images as I
 from kerasdiffusion import sources
 from kerasdiffusion.config import PRECISIONS, SCHEDULER_NAMES
+from weights_conversion import progress as conversion_progress
 from weights_conversion.convert import SINGLE_FILE_SUFFIXES, save_converted
 
 DEBUG_ENV = "KERASDIFFUSION_DEBUG"
@@ -134,6 +135,7 @@ def _add_generate(commands):
                           help="do not compile with XLA: no compile time, slower steps (good for quick tries)")
     generate.add_argument("--no-cache", action="store_true",
                           help=f"neither read nor write the conversion cache (same as {sources.NO_CACHE_ENV}=1)")
+    _add_revision(generate)
     _add_quiet(generate)
     generate.set_defaults(run=run_generate)
 
@@ -149,8 +151,14 @@ def _add_convert(commands):
     )
     convert.add_argument("source", help="a Hub id (org/name), a diffusers folder, or a .safetensors / .ckpt file")
     convert.add_argument("output_dir", help="the folder to write (must not exist, or be empty)")
+    _add_revision(convert)
     _add_quiet(convert)
     convert.set_defaults(run=run_convert)
+
+
+def _add_revision(parser):
+    parser.add_argument("--revision", metavar="REV", default=None,
+                        help="for a Hub id: the branch, tag or commit to use (default: main)")
 
 
 def _add_quiet(parser):
@@ -187,10 +195,11 @@ def run_generate(args):
     start = time.perf_counter()
     from kerasdiffusion.pipeline import StableDiffusion  # TensorFlow loads only once the arguments are valid
 
-    with _cache_disabled(args.no_cache):
-        sd = StableDiffusion.from_pretrained(args.model, img_width=args.width, img_height=args.height,
-                                             jit_compile=not args.no_xla, scheduler=args.scheduler,
-                                             precision=None if args.precision == "auto" else args.precision)
+    sd = StableDiffusion.from_pretrained(args.model, img_width=args.width, img_height=args.height,
+                                         jit_compile=not args.no_xla, scheduler=args.scheduler,
+                                         precision=None if args.precision == "auto" else args.precision,
+                                         revision=args.revision, cache=False if args.no_cache else None,
+                                         progress=not args.quiet)
     say(f"Loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}")
     images = sd.text_to_image(args.prompt, negative_prompt=args.negative_prompt or None, batch_size=args.batch_size,
                               num_steps=args.steps, unconditional_guidance_scale=args.guidance, seed=seed,
@@ -212,9 +221,11 @@ def run_convert(args):
     if os.path.exists(parent):
         _check_writable(parent)
     sources.source_kind(args.source)
+    _check_revision(args.revision, args.source)
     start = time.perf_counter()
-    converted = sources.resolve(args.source, use_cache=False)
-    save_converted(converted, args.output_dir)
+    converted = sources.resolve(args.source, use_cache=False, revision=args.revision, progress=not args.quiet)
+    with conversion_progress.shown(not args.quiet):
+        save_converted(converted, args.output_dir)
     _printer(args.quiet)(f"Converted {args.source} -> {args.output_dir} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -239,6 +250,12 @@ def check_generate_args(args):
             raise UsageError(f"cannot write {path!r}: it is a folder")
     _check_writable(os.path.dirname(os.path.abspath(args.out)))
     sources.source_kind(args.model)
+    _check_revision(args.revision, args.model)
+
+
+def _check_revision(revision, source):
+    if revision is not None and not sources.is_hub_id(source):
+        raise UsageError(f"--revision applies to Hub ids only, not to the local path {source!r}")
 
 
 def _check_writable(folder):
@@ -295,21 +312,6 @@ def _messages_on_stdout(quiet):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _cache_disabled(disable):
-    """``--no-cache``: the pipeline reads the cache setting from the environment."""
-    previous = os.environ.get(sources.NO_CACHE_ENV)
-    if disable:
-        os.environ[sources.NO_CACHE_ENV] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(sources.NO_CACHE_ENV, None)
-        else:
-            os.environ[sources.NO_CACHE_ENV] = previous
 
 
 @contextlib.contextmanager

@@ -68,6 +68,11 @@ class StableDiffusion:
             `"dpmpp_2m"`, `"dpmpp_2m_karras"`) or a scheduler object.
         source: where the weights come from (see `from_pretrained`); the default is SD v1.5 from the Hub,
             loaded on first use, as in KerasCV.
+        prediction_type: `"epsilon"` or `"v_prediction"`, overriding what the source's scheduler config says.
+        revision: for a Hub id, the branch, tag or commit to load (default: the main branch).
+        cache: whether converted weights are read from and written to the conversion cache; `None`
+            follows ``$KERASDIFFUSION_NO_CACHE`` (on unless it is set).
+        progress: show progress bars while weights are read, converted and written.
 
     Example:
 
@@ -77,7 +82,7 @@ class StableDiffusion:
     """
 
     def __init__(self, img_width=512, img_height=512, jit_compile=True, precision=None, scheduler="ddim",
-                 source=None, prediction_type=None):
+                 source=None, prediction_type=None, *, revision=None, cache=None, progress=True):
         _check_size("img_width", img_width)
         _check_size("img_height", img_height)
         if precision is not None and precision not in PRECISIONS:
@@ -87,6 +92,9 @@ class StableDiffusion:
         self.precision = precision or default_precision()
         self.source = os.fspath(source) if source is not None else sources.DEFAULT_MODEL
         self._prediction_type = prediction_type
+        self._load_options = {"revision": revision, "use_cache": cache, "progress": progress}
+        if revision is not None and not sources.is_hub_id(self.source):
+            raise ValueError(f"revision={revision!r} applies to Hub ids only, not to the local path {self.source!r}")
         self._scheduler_request = scheduler
         S.get_scheduler(scheduler)  # fails on an unknown name now, not at first use
         self._components = None
@@ -96,17 +104,20 @@ class StableDiffusion:
 
     @classmethod
     def from_pretrained(cls, source, img_width=512, img_height=512, jit_compile=True, precision=None,
-                        scheduler="ddim", prediction_type=None):
+                        scheduler="ddim", prediction_type=None, *, revision=None, cache=None, progress=True):
         """Loads weights from a Hub id, a diffusers folder, a single `.safetensors`/`.ckpt` or a converted folder.
 
         The family (SD 1.x, 2.x, 9-channel inpainting) and all sizes are read from the weights' shapes.
         `prediction_type` (`"epsilon"` / `"v_prediction"`) overrides what the source's scheduler config says.
+        `revision` picks a Hub id's branch, tag or commit; `cache=False` neither reads nor writes the
+        conversion cache (`None` follows ``$KERASDIFFUSION_NO_CACHE``); `progress=False` hides the bars.
 
         Example:
 
         >>> sd = StableDiffusion.from_pretrained("v1-5-pruned-emaonly.safetensors")   # doctest: +SKIP
         """
-        model = cls(img_width, img_height, jit_compile, precision, scheduler, source, prediction_type)
+        model = cls(img_width, img_height, jit_compile, precision, scheduler, source, prediction_type,
+                    revision=revision, cache=cache, progress=progress)
         model._load()
         return model
 
@@ -115,7 +126,7 @@ class StableDiffusion:
     def _load(self):
         if self._components is not None:
             return self._components
-        converted = sources.resolve(self.source, half_precision=self.precision != "float32")
+        converted = sources.resolve(self.source, half_precision=self.precision != "float32", **self._load_options)
         weights = converted.weights
         family = C.family_from_weights(weights["text_encoder"])
         policy = self.precision

@@ -32,6 +32,7 @@ from weights_conversion.convert import (
     is_diffusers_folder,
     save_converted,
 )
+from weights_conversion import progress as conversion_progress
 from weights_conversion.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -102,28 +103,36 @@ def source_kind(source):
     return "file"
 
 
-def resolve(source, half_precision=False, use_cache=None, revision=None):
+def resolve(source, half_precision=False, use_cache=None, revision=None, progress=False):
     """Reads (and converts, where needed) the weights of any supported source, through the cache.
 
     Args:
         source: a Hub repo id, a diffusers folder, a single `.safetensors` / `.ckpt` file, or a converted folder.
         half_precision: for Hub ids, fetch the fp16 weight files when the repository has them.
-        use_cache: `None` follows ``$KERASDIFFUSION_NO_CACHE``; `False` neither reads nor writes the cache.
+        use_cache: `None` follows ``$KERASDIFFUSION_NO_CACHE``; `False` neither reads nor writes the cache;
+            `True` uses it whatever the environment says.
         revision: for Hub ids, a branch, tag or commit (default: the main branch).
+        progress: show progress bars (on stderr) while reading, converting and writing weights. The Hub's
+            download bars follow huggingface_hub's own setting.
 
     Raises:
         FileNotFoundError, CheckpointError: see `source_kind` and `weights_conversion.convert_source`.
+        ValueError: a ``revision`` for a source that is not a Hub id.
         OSError: a Hub id that cannot be fetched (offline, unknown, gated), with the reason in one line.
     """
     source = os.fspath(source)
     kind = source_kind(source)
-    if kind == "hub":
-        return _resolve_hub(source, half_precision, use_cache, revision)
-    if kind == "converted":
-        return convert_source(source)
-    key = file_key(source) if kind == "file" else folder_key(source)
-    label = os.path.basename(os.path.normpath(source))
-    return _cached(_entry_name(label, key), source, lambda: convert_source(source), use_cache)
+    if revision is not None and kind != "hub":
+        what = {"converted": "converted folder", "diffusers": "diffusers folder", "file": "checkpoint file"}[kind]
+        raise ValueError(f"revision={revision!r} applies to Hub ids only; {source!r} is a local {what}")
+    with conversion_progress.shown(progress):
+        if kind == "hub":
+            return _resolve_hub(source, half_precision, use_cache, revision)
+        if kind == "converted":
+            return convert_source(source)
+        key = file_key(source) if kind == "file" else folder_key(source)
+        label = os.path.basename(os.path.normpath(source))
+        return _cached(_entry_name(label, key), source, lambda: convert_source(source), use_cache)
 
 
 # ------------------------------------------------------------------------------------------------ cache keys

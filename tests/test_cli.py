@@ -101,6 +101,9 @@ def test_convert_then_generate_from_the_converted_folder(batch, model, tmp_path,
     converted = tmp_path / "converted"
     assert run_here(["convert", model, converted]) == 0
     assert (converted / "kerasdiffusion.json").is_file()
+    bars = capfd.readouterr().err  # without --quiet: a bar per file read, then one for writing, each to 100%
+    for part in ("reading diffusion_pytorch_model.safetensors", "reading model.safetensors", "writing"):
+        assert re.search(re.escape(part) + r": *100%", bars), bars
     out = tmp_path / "from-converted.png"
     assert run_here(["generate", PROMPT, "--model", converted, "--out", out, *SETTINGS, "--seed", "1"]) == 0
     pixels, text = read_png(out)
@@ -134,7 +137,7 @@ def test_bad_checkpoint_in_a_real_process_is_one_error_line(tmp_path, private_ca
 @pytest.mark.parametrize("case", [
     "unknown scheduler", "size not a multiple of 8", "zero steps", "zero batch", "negative seed", "missing model",
     "unsupported file", "folder of nothing", "truncated checkpoint", "output folder missing", "output not writable",
-    "output not png", "malformed number",
+    "output not png", "malformed number", "revision of a local model",
 ])
 def test_bad_input_is_one_error_line_and_no_file(case, model, tmp_path, capfd):
     (tmp_path / "notes.txt").write_text("not a model")
@@ -157,6 +160,7 @@ def test_bad_input_is_one_error_line_and_no_file(case, model, tmp_path, capfd):
         "output not writable": ["--out", tmp_path / "a-file" / "image.png"],
         "output not png": ["--out", tmp_path / "out" / "image.jpg"],
         "malformed number": ["--guidance", "lots"],
+        "revision of a local model": ["--revision", "v2"],
     }[case]
     status = run_here(["generate", PROMPT, "--model", model, "--out", out, *TINY, *args])
     captured = capfd.readouterr()
@@ -176,6 +180,12 @@ def test_unknown_hub_model_offline_is_one_error_line(tmp_path, monkeypatch, capf
     lines = capfd.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: Could not get 'tiny-org/not-downloaded'")
     assert "pass a local path" in lines[0] and not out.exists()
+
+
+def test_convert_quietly_prints_nothing(model, tmp_path, capfd):
+    assert run_here(["convert", model, tmp_path / "converted", "--quiet"]) == 0
+    captured = capfd.readouterr()
+    assert captured.out == "" and error_lines(captured.err) == []
 
 
 def test_convert_refuses_a_non_empty_output(model, tmp_path, capfd):

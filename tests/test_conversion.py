@@ -162,3 +162,36 @@ def test_missing_source_and_cli_errors(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and "\n" not in error
     assert not (tmp_path / "out").exists()
+
+
+def test_converted_files_read_back_with_the_safetensors_library(model, tmp_path):
+    """Our streaming writer against the format's own reader, on a real conversion and on odd arrays."""
+    from safetensors.numpy import load_file
+
+    from weights_conversion import convert_source, save_converted
+    from weights_conversion.convert import write_safetensors
+
+    converted = convert_source(model["folder"] / "model.safetensors")
+    save_converted(converted, tmp_path / "converted")
+    for network, weights in converted.weights.items():
+        stored = load_file(tmp_path / "converted" / f"{network}.safetensors")
+        assert stored.keys() == weights.keys()
+        for name, array in weights.items():
+            np.testing.assert_array_equal(stored[name], array, err_msg=f"{network}: {name}")
+            assert stored[name].dtype == array.dtype
+    odd = {
+        "transposed": np.arange(12, dtype="float32").reshape(3, 4).T,  # not contiguous
+        "big_endian": np.arange(5, dtype=">f4"),
+        "half": np.linspace(-1, 1, 6, dtype="float16").reshape(2, 3),
+        "ids": np.arange(4, dtype="int64"),
+        "flags": np.array([True, False, True]),
+        "empty": np.zeros((0, 3), "float32"),
+        "scalar": np.array(2.5, "float32"),
+    }
+    write_safetensors(tmp_path / "odd.safetensors", odd)
+    stored = load_file(tmp_path / "odd.safetensors")
+    for name, array in odd.items():
+        np.testing.assert_array_equal(stored[name], array, err_msg=name)
+        assert stored[name].shape == array.shape
+    with pytest.raises(CheckpointError, match="cannot store dtype"):
+        write_safetensors(tmp_path / "bad.safetensors", {"text": np.array(["a"])})

@@ -20,6 +20,7 @@ from weights_conversion import readers, save_converted
 
 REPO = "tiny-org/tiny-sd"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -90,8 +91,9 @@ def entries(cache):
     return sorted(os.listdir(folder)) if folder.is_dir() else []
 
 
-def load(source):
-    return StableDiffusion.from_pretrained(source, img_width=64, img_height=64, jit_compile=False, precision="float32")
+def load(source, **options):
+    return StableDiffusion.from_pretrained(source, img_width=64, img_height=64, jit_compile=False, precision="float32",
+                                           **options)
 
 
 def assert_same_weights(a, b):
@@ -107,6 +109,32 @@ def test_hub_id_loads_offline_and_matches_the_local_folder(offline_hub, kd_cache
     np.testing.assert_array_equal(from_hub, from_folder)
     assert from_hub.std() > 5
     assert any(name.startswith("tiny-org--tiny-sd-") for name in entries(kd_cache))
+
+
+def test_revision_picks_a_tag_of_the_hub_repo(offline_hub, kd_cache, diffusers_folder, tmp_path):
+    """A second snapshot, of other weights, under the tag ``v2``: ``revision="v2"`` loads it, the default
+    (``main``) the first; each has its own cache entry."""
+    other = tmp_path / "other"
+    R.make_reference_pipeline(seed=6).save_pretrained(other)
+    storage = lay_out_hub_cache(tmp_path / "staging", REPO, OTHER_COMMIT, other)
+    shutil.copytree(storage / "blobs", offline_hub / storage.name / "blobs", dirs_exist_ok=True)
+    shutil.copytree(storage / "snapshots" / OTHER_COMMIT, offline_hub / storage.name / "snapshots" / OTHER_COMMIT,
+                    symlinks=True)
+    (offline_hub / storage.name / "refs" / "v2").write_text(OTHER_COMMIT)
+    tagged = sources.resolve(REPO, revision="v2")
+    assert_same_weights(tagged, sources.resolve(other, use_cache=False))
+    main = sources.resolve(REPO)
+    assert_same_weights(main, sources.resolve(diffusers_folder, use_cache=False))
+    assert len(entries(kd_cache)) == 2
+    image = load(REPO, revision="v2").text_to_image(PROMPT, num_steps=2, seed=1, verbose=False)
+    np.testing.assert_array_equal(image, load(other).text_to_image(PROMPT, num_steps=2, seed=1, verbose=False))
+
+
+def test_revision_of_a_local_source_is_refused(diffusers_folder):
+    with pytest.raises(ValueError, match="applies to Hub ids only"):
+        sources.resolve(diffusers_folder, revision="main")
+    with pytest.raises(ValueError, match="applies to Hub ids only"):
+        StableDiffusion.from_pretrained(diffusers_folder, revision="main")
 
 
 def test_unknown_repo_offline_names_it_and_suggests_a_local_path(offline_hub, kd_cache):
@@ -190,33 +218,33 @@ def test_file_key_follows_size_mtime_and_content(tmp_path):
 
 def test_interrupted_conversion_leaves_no_entry(diffusers_folder, kd_cache, conversions, monkeypatch):
     writes = []
-    save_file = C.save_file
+    write = C.write_safetensors
 
-    def interrupted(arrays, path):
+    def interrupted(path, arrays, advance):
         writes.append(path)
         if len(writes) == 2:  # after the first network's file is written
             raise KeyboardInterrupt
-        save_file(arrays, path)
+        write(path, arrays, advance)
 
-    monkeypatch.setattr(C, "save_file", interrupted)
+    monkeypatch.setattr(C, "write_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sources.resolve(diffusers_folder)
     assert entries(kd_cache) == []  # neither an entry nor a staging folder
-    monkeypatch.setattr(C, "save_file", save_file)
+    monkeypatch.setattr(C, "write_safetensors", write)
     sources.resolve(diffusers_folder)
     sources.resolve(diffusers_folder)
     assert len(conversions) == 2 and len(entries(kd_cache)) == 1
 
 
 def test_a_concurrent_writer_of_the_same_entry_wins_cleanly(diffusers_folder, kd_cache, conversions, monkeypatch):
-    save_file = C.save_file
+    write = C.write_safetensors
 
-    def racing(arrays, path):
-        monkeypatch.setattr(C, "save_file", save_file)
+    def racing(path, arrays, advance):
+        monkeypatch.setattr(C, "write_safetensors", write)
         sources.resolve(diffusers_folder)  # another process stores the same entry while we are still writing
-        save_file(arrays, path)
+        write(path, arrays, advance)
 
-    monkeypatch.setattr(C, "save_file", racing)
+    monkeypatch.setattr(C, "write_safetensors", racing)
     ours = sources.resolve(diffusers_folder)
     assert len(conversions) == 2 and len(entries(kd_cache)) == 1  # theirs; our staging folder is gone
     assert_same_weights(ours, sources.resolve(diffusers_folder))
@@ -234,10 +262,10 @@ def test_staging_folders_of_killed_writers_are_removed_later(diffusers_folder, k
 
 
 def test_failing_cache_write_still_loads(diffusers_folder, kd_cache, conversions, monkeypatch):
-    def disk_full(arrays, path):
+    def disk_full(path, arrays, advance):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(C, "save_file", disk_full)
+    monkeypatch.setattr(C, "write_safetensors", disk_full)
     converted = sources.resolve(diffusers_folder)
     assert set(converted.weights) == set(C.NETWORKS)
     assert entries(kd_cache) == []
@@ -271,6 +299,19 @@ def test_cache_can_be_turned_off(diffusers_folder, kd_cache, conversions, monkey
     monkeypatch.delenv(sources.NO_CACHE_ENV)
     sources.resolve(diffusers_folder, use_cache=False)
     assert len(conversions) == 3 and entries(kd_cache) == []
+
+
+def test_from_pretrained_cache_argument_overrides_the_environment(diffusers_folder, kd_cache, conversions,
+                                                                  monkeypatch):
+    load(diffusers_folder, cache=False)
+    assert len(conversions) == 1 and entries(kd_cache) == []
+    monkeypatch.setenv(sources.NO_CACHE_ENV, "1")
+    load(diffusers_folder, cache=True)
+    assert len(conversions) == 2 and len(entries(kd_cache)) == 1
+    load(diffusers_folder, cache=True)
+    assert len(conversions) == 2, "cache=True did not read the entry"
+    load(diffusers_folder)  # None: follows the environment, which turns the cache off
+    assert len(conversions) == 3
 
 
 def test_cache_location(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 
+from weights_conversion import progress
 from weights_conversion.convert import convert_source, save_converted
 from weights_conversion.errors import CheckpointError
 
@@ -17,15 +18,18 @@ def main(argv=None):
     )
     parser.add_argument("source", help="a diffusers folder, or a single .safetensors / .ckpt checkpoint file")
     parser.add_argument("output_dir", help="the folder to write (must not exist, or be empty)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        converted = convert_source(args.source)
-        save_converted(converted, args.output_dir)
+        with progress.shown(not args.quiet):
+            converted = convert_source(args.source)
+            save_converted(converted, args.output_dir)
     except (CheckpointError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"Converted {args.source} -> {args.output_dir} in {time.perf_counter() - start:.1f} s")
+    if not args.quiet:
+        print(f"Converted {args.source} -> {args.output_dir} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

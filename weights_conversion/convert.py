@@ -19,9 +19,8 @@ import shutil
 import tempfile
 
 import numpy as np
-from safetensors.numpy import save_file
 
-from weights_conversion import keras_names, ldm, readers
+from weights_conversion import keras_names, ldm, progress, readers
 from weights_conversion.errors import CheckpointError
 
 NETWORKS = ("text_encoder", "unet", "vae")
@@ -29,6 +28,9 @@ MANIFEST = "kerasdiffusion.json"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SAFETENSORS_DTYPES = {np.dtype(name): code for name, code in (
+    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("int64", "I64"), ("int32", "I32"),
+    ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"))}
 
 
 @dataclasses.dataclass
@@ -125,9 +127,10 @@ def save_converted(converted, output_dir):
     staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
     os.chmod(staging, 0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
     try:
-        for network in NETWORKS:
-            arrays = {k: np.ascontiguousarray(v) for k, v in converted.weights[network].items()}
-            save_file(arrays, os.path.join(staging, f"{network}.safetensors"))
+        total = sum(array.nbytes for network in NETWORKS for array in converted.weights[network].values())
+        with progress.bar("writing", total) as advance:
+            for network in NETWORKS:
+                write_safetensors(os.path.join(staging, f"{network}.safetensors"), converted.weights[network], advance)
         if converted.scheduler_config is not None:
             with open(os.path.join(staging, "scheduler_config.json"), "w", encoding="utf-8") as f:
                 json.dump(converted.scheduler_config, f, indent=2)
@@ -147,3 +150,41 @@ def save_converted(converted, output_dir):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def write_safetensors(path, arrays, advance=lambda n: None):
+    """Writes ``{name: array}`` as a safetensors file, one tensor at a time.
+
+    The format is an 8-byte little-endian header length, a JSON table of names, dtypes, shapes and byte
+    offsets (padded with spaces to a multiple of 8 bytes), then each tensor's little-endian bytes in the
+    table's order. Streaming the tensors keeps a second copy of the whole file out of memory (which
+    `safetensors.numpy.save_file` builds), and lets ``advance(nbytes)`` report progress per tensor.
+
+    Example:
+
+    >>> import os, tempfile, numpy as np
+    >>> from safetensors.numpy import load_file
+    >>> path = os.path.join(tempfile.mkdtemp(), "weights.safetensors")
+    >>> write_safetensors(path, {"dense/kernel": np.ones((2, 3), "float32")})
+    >>> load_file(path)["dense/kernel"].shape
+    (2, 3)
+    """
+    names = sorted(arrays)
+    header, offset = {}, 0
+    for name in names:
+        array = arrays[name]
+        dtype = array.dtype.newbyteorder("=")  # big-endian arrays are written as little-endian ones
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name}: cannot store dtype {array.dtype} in safetensors")
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    table = json.dumps(header, separators=(",", ":")).encode()
+    table += b" " * (-len(table) % 8)
+    with open(path, "wb") as f:
+        f.write(len(table).to_bytes(8, "little"))
+        f.write(table)
+        for name in names:
+            array = np.ascontiguousarray(arrays[name], dtype=arrays[name].dtype.newbyteorder("<"))
+            f.write(memoryview(array.reshape(-1)).cast("B"))
+            advance(array.nbytes)

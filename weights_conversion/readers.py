@@ -25,6 +25,7 @@ import zipfile
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from weights_conversion import progress
 from weights_conversion.errors import CheckpointError, UnsafeCheckpointError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -120,8 +121,10 @@ def read_safetensors(path):
     """Every tensor of a safetensors file, read one by one (bf16 as float32)."""
     header, data_start = read_safetensors_header(path)
     arrays = {}
+    total = sum(entry["data_offsets"][1] - entry["data_offsets"][0] for entry in header.values())
     try:
-        with safe_open(path, framework="numpy") as f, open(path, "rb") as raw:
+        with safe_open(path, framework="numpy") as f, open(path, "rb") as raw, \
+                progress.bar(f"reading {os.path.basename(path)}", total) as advance:
             for name, entry in header.items():
                 if entry["dtype"] == "BF16":
                     begin = entry["data_offsets"][0]
@@ -129,6 +132,7 @@ def read_safetensors(path):
                     arrays[name] = bf16_to_float32(bits)
                 else:
                     arrays[name] = f.get_tensor(name)
+                advance(entry["data_offsets"][1] - entry["data_offsets"][0])
     except SafetensorError as e:
         raise CheckpointError(f"{path}: corrupt safetensors file: {e}") from None
     return arrays
@@ -361,7 +365,7 @@ def _read_torch_zip(path):
                     cache[ref.key] = _zip_storage(zf, f"{prefix}data/{ref.key}", ref.storage_type, byteorder, path)
                 return cache[ref.key]
 
-            return {name: _materialize(ref, load, path, name) for name, ref in state_dict.items()}
+            return _materialize_all(state_dict, load, path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated zip archive: {e}") from None
 
@@ -414,7 +418,7 @@ def _read_torch_legacy(path):
                 cache[ref.key] = _flat_storage(data, ref.storage_type.dtype, byteorder, f"{path}: storage {ref.key}")
             return cache[ref.key]
 
-        return {name: _materialize(ref, load, path, name) for name, ref in state_dict.items()}
+        return _materialize_all(state_dict, load, path)
 
 
 def _legacy_storage_offsets(f, path, keys, storage_types, byteorder):
@@ -447,6 +451,16 @@ def _state_dict_of(obj, path):
     if others:
         raise CheckpointError(f"{path}: state dict entries that are not named tensors: {', '.join(others[:20])}")
     return obj
+
+
+def _materialize_all(state_dict, load_storage, path):
+    """Every ``_TensorRef`` of a state dict as an array, with a progress bar over the tensors."""
+    arrays = {}
+    with progress.bar(f"reading {os.path.basename(path)}", len(state_dict), unit="tensor") as advance:
+        for name, ref in state_dict.items():
+            arrays[name] = _materialize(ref, load_storage, path, name)
+            advance(1)
+    return arrays
 
 
 def _materialize(ref, load_storage, path, name):
