@@ -23,7 +23,6 @@ import pickle
 import zipfile
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 from weights_conversion import progress
 from weights_conversion.errors import CheckpointError, UnsafeCheckpointError
@@ -118,23 +117,21 @@ def _check_safetensors_entry(path, name, entry):
 
 
 def read_safetensors(path):
-    """Every tensor of a safetensors file, read one by one (bf16 as float32)."""
+    """Every tensor of a safetensors file, read one by one (bf16 as float32).
+
+    Each tensor is read straight into its own array (no memory map), so the process holds one copy of
+    the weights, not a copy plus the mapped file's pages.
+    """
     header, data_start = read_safetensors_header(path)
     arrays = {}
     total = sum(entry["data_offsets"][1] - entry["data_offsets"][0] for entry in header.values())
-    try:
-        with safe_open(path, framework="numpy") as f, open(path, "rb") as raw, \
-                progress.bar(f"reading {os.path.basename(path)}", total) as advance:
-            for name, entry in header.items():
-                if entry["dtype"] == "BF16":
-                    begin = entry["data_offsets"][0]
-                    bits = _read_raw(raw, data_start + begin, entry["shape"], "<u2")
-                    arrays[name] = bf16_to_float32(bits)
-                else:
-                    arrays[name] = f.get_tensor(name)
-                advance(entry["data_offsets"][1] - entry["data_offsets"][0])
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: corrupt safetensors file: {e}") from None
+    with open(path, "rb") as raw, progress.bar(f"reading {os.path.basename(path)}", total) as advance:
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            array = _read_raw(raw, data_start + begin, entry["shape"], _SAFETENSORS_DTYPES[entry["dtype"]])
+            array = bf16_to_float32(array) if entry["dtype"] == "BF16" else array
+            arrays[name] = array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+            advance(end - begin)
     return arrays
 
 
@@ -142,7 +139,10 @@ def _read_raw(f, offset, shape, dtype):
     """An array of ``shape`` read from byte ``offset`` of an open file."""
     f.seek(offset)
     count = math.prod(shape)
-    return np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+    flat = np.fromfile(f, dtype=dtype, count=count) if count else np.empty(0, dtype)
+    if flat.size != count:
+        raise CheckpointError(f"{f.name}: truncated: a tensor at byte {offset} ends past the end of the file")
+    return flat.reshape(shape)
 
 
 # ------------------------------------------------------------------------------------ the restricted unpickler
