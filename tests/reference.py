@@ -117,20 +117,32 @@ def write_clip_tokenizer_files(folder, pad_token="<|endoftext|>"):
     return folder
 
 
-def make_reference_pipeline(unet_in_channels=4, seed=0):
-    """A diffusers StableDiffusionPipeline (or the inpainting one, for 9 channels) with random weights."""
+# What makes a checkpoint SD 2.x, at tiny sizes: the 1024-wide OpenCLIP text tower (GELU, 16 heads; the width is
+# what tells the family), 64-wide attention heads in the UNet with linear projections and float32 attention
+# scores, the "!" padding token, and v-prediction (as the 768x768 SD 2.x models).
+SD2_UNET = dict(block_out_channels=(64, 128), attention_head_dim=(1, 2), cross_attention_dim=1024,
+                use_linear_projection=True, upcast_attention=True)
+SD2_TEXT_ENCODER = dict(hidden_size=1024, intermediate_size=128, num_attention_heads=16, hidden_act="gelu")
+SD2_SCHEDULER = dict(SD15_SCHEDULER, prediction_type="v_prediction")
+
+
+def make_reference_pipeline(unet_in_channels=4, seed=0, family="sd1"):
+    """A diffusers StableDiffusionPipeline (or the inpainting one, for 9 channels) with random weights,
+    shaped as SD 1.x or (``family="sd2"``) as SD 2.x."""
     import tempfile
 
     from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer as ReferenceTokenizer
 
-    tokenizer = ReferenceTokenizer.from_pretrained(write_clip_tokenizer_files(tempfile.mkdtemp()), model_max_length=77)
+    sd2 = family == "sd2"
+    tokenizer = ReferenceTokenizer.from_pretrained(write_clip_tokenizer_files(tempfile.mkdtemp()), model_max_length=77,
+                                                   **({"pad_token": "!"} if sd2 else {}))
     parts = dict(
-        unet=make_unet(seed, in_channels=unet_in_channels),
+        unet=make_unet(seed, in_channels=unet_in_channels, **(SD2_UNET if sd2 else {})),
         vae=make_vae(seed + 1, **PIPELINE_VAE),
-        text_encoder=make_text_encoder(seed + 2),
+        text_encoder=make_text_encoder(seed + 2, **(SD2_TEXT_ENCODER if sd2 else {})),
         tokenizer=tokenizer,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        scheduler=PNDMScheduler.from_config(SD2_SCHEDULER if sd2 else SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

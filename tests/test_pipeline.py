@@ -27,7 +27,7 @@ def sd(reference):
                                            precision="float32")
 
 
-def diffusers_scheduler(name):
+def diffusers_scheduler(name, config=R.SD15_SCHEDULER):
     """The diffusers scheduler `name` stands for, from the SD 1.5 config (never from a previous test's)."""
     import diffusers as D
 
@@ -40,7 +40,7 @@ def diffusers_scheduler(name):
         "dpmpp_2m_karras": (D.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     }
     cls, extra = classes[name]
-    return cls.from_config(R.SD15_SCHEDULER, **extra)
+    return cls.from_config(config, **extra)
 
 
 def reference_images(pipeline, **kwargs):
@@ -70,6 +70,40 @@ def test_generate_image_matches_diffusers(reference, sd, name, record_property):
     record_property(f"{name}_mean_abs", mean)
     record_property(f"{name}_p99.9", p999)
     print(f"{name}: mean abs {mean:.5f}, 99.9th percentile {p999:.1f}, max {np.abs(ours.astype(int) - expected.astype(int)).max()}")
+    assert mean <= 1.0 and p999 <= 8
+
+
+@pytest.fixture(scope="module")
+def sd2_reference(tmp_path_factory):
+    pipeline = R.make_reference_pipeline(seed=11, family="sd2")
+    folder = tmp_path_factory.mktemp("tiny-sd2") / "diffusers"
+    pipeline.save_pretrained(folder)
+    return pipeline, str(folder)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
+def test_sd2_v_prediction_pipeline_matches_diffusers(sd2_reference, name):
+    """An SD 2.x-shaped model (OpenCLIP text tower, 64-wide heads, linear projections, upcast attention, "!"
+    padding, v-prediction) is recognised from its files and generates diffusers' images."""
+    from kerasdiffusion import config as C
+
+    pipeline, folder = sd2_reference
+    sd = StableDiffusion.from_pretrained(folder, img_width=SIZE, img_height=SIZE, jit_compile=False,
+                                         precision="float32", scheduler=name)
+    components = sd._load()
+    assert components["family"] is C.SD2 and components["scheduler_config"].prediction_type == "v_prediction"
+    assert sd.tokenizer(["a cat"])[0, -1] == pipeline.tokenizer.pad_token_id == 0  # "!"
+    pipeline.scheduler = diffusers_scheduler(name, R.SD2_SCHEDULER)
+    noise = np.random.default_rng(12).standard_normal((2, SIZE // 8, SIZE // 8, 4)).astype("float32")
+    expected = reference_images(pipeline, prompt=[PROMPT] * 2, negative_prompt=[NEGATIVE] * 2,
+                                latents=R.nchw(noise), num_inference_steps=10, guidance_scale=7.5,
+                                height=SIZE, width=SIZE)
+    ours = sd.generate_image(sd.encode_text(PROMPT), negative_prompt=NEGATIVE, batch_size=2, num_steps=10,
+                             diffusion_noise=noise, verbose=False)
+    assert expected.std() > 20, "the reference image is too flat for the comparison to mean anything"
+    mean, p999 = pixel_differences(ours, expected)
+    print(f"SD 2.x {name}: mean abs {mean:.5f}, 99.9th percentile {p999:.1f}, "
+          f"max {np.abs(ours.astype(int) - expected.astype(int)).max()}")
     assert mean <= 1.0 and p999 <= 8
 
 
