@@ -45,13 +45,16 @@ def fused_loop(sd, plan, step):
     return run
 
 
-def timed(fn, repeats):
-    times = []
+def timed_in_turn(fns, repeats):
+    """``repeats`` timed calls of each function, taking turns, so that a change in the machine's load
+    affects both alike; returns (min, median) per name."""
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), float(np.median(times))
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (min(t), float(np.median(t))) for name, t in times.items()}
 
 
 def main():
@@ -82,17 +85,20 @@ def main():
     def whole():
         return fused(latents, scheduler.initial_state(latents), context, guidance, seeds).numpy()
 
-    results = {}
-    for name, fn in (("per-step programs", per_step), ("one program", whole)):
+    fns = {"per-step programs": per_step, "one program": whole}
+    firsts, outputs = {}, {}
+    for name, fn in fns.items():
         start = time.perf_counter()
-        first = fn()
-        results[name] = (time.perf_counter() - start, *timed(fn, args.repeats), first)
-    a, b = results["per-step programs"][3], results["one program"][3]
-    print(f"size {args.size}, {args.steps} steps, {args.scheduler}; max |difference| {np.abs(a - b).max():.2e}")
+        outputs[name] = fn()
+        firsts[name] = time.perf_counter() - start
+    timings = timed_in_turn(fns, args.repeats)
+    a, b = outputs.values()
+    print(f"size {args.size}, {args.steps} steps, {args.scheduler}, {args.repeats} runs each in turn; "
+          f"max |difference| {np.abs(a - b).max():.2e}")
     print("| loop | first call (compile + run) s | min s | median s |")
     print("|---|---|---|---|")
-    for name, (first, best, median, _) in results.items():
-        print(f"| {name} | {first:.1f} | {best:.2f} | {median:.2f} |")
+    for name in fns:
+        print(f"| {name} | {firsts[name]:.1f} | {timings[name][0]:.2f} | {timings[name][1]:.2f} |")
 
 
 if __name__ == "__main__":
