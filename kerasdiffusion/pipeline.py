@@ -72,7 +72,7 @@ class StableDiffusion:
         revision: for a Hub id, the branch, tag or commit to load (default: the main branch).
         cache: whether converted weights are read from and written to the conversion cache; `None`
             follows ``$KERASDIFFUSION_NO_CACHE`` (on unless it is set).
-        progress: show progress bars while weights are read, converted and written.
+        progress: show progress bars while weights are read (and, when converted, written to the cache).
 
     Example:
 

@@ -24,6 +24,7 @@ import shutil
 import time
 import uuid
 
+from weights_conversion import progress as conversion_progress
 from weights_conversion.convert import (
     FORMAT_VERSION,
     SINGLE_FILE_SUFFIXES,
@@ -32,7 +33,6 @@ from weights_conversion.convert import (
     is_diffusers_folder,
     save_converted,
 )
-from weights_conversion import progress as conversion_progress
 from weights_conversion.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def resolve(source, half_precision=False, use_cache=None, revision=None, progres
         use_cache: `None` follows ``$KERASDIFFUSION_NO_CACHE``; `False` neither reads nor writes the cache;
             `True` uses it whatever the environment says.
         revision: for Hub ids, a branch, tag or commit (default: the main branch).
-        progress: show progress bars (on stderr) while reading, converting and writing weights. The Hub's
+        progress: show progress bars (on stderr) while reading and writing weights. The Hub's
             download bars follow huggingface_hub's own setting.
 
     Raises:

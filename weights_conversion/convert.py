@@ -28,9 +28,9 @@ MANIFEST = "kerasdiffusion.json"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-SAFETENSORS_DTYPES = {np.dtype(name): code for name, code in (
-    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("int64", "I64"), ("int32", "I32"),
-    ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"))}
+# numpy dtype -> safetensors dtype code, the readers' table turned round (bfloat16 is only ever read).
+SAFETENSORS_DTYPES = {np.dtype(dtype).newbyteorder("="): code
+                      for code, dtype in readers.SAFETENSORS_DTYPES.items() if code != "BF16"}
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Progress bars for the long parts of a conversion (reading, renaming, writing), off unless turned on.
+"""Progress bars for the long parts of a conversion (reading and writing weights), off unless turned on.
 
 A caller turns them on around a block with `shown`; the readers and writers report through `bar`, which is a
 no-op when the bars are off, so library code stays quiet unless its user asked for output.

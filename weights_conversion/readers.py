@@ -29,7 +29,7 @@ from weights_conversion.errors import CheckpointError, UnsafeCheckpointError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
     "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?",
 }
@@ -107,7 +107,7 @@ def read_safetensors_header(path):
 def _check_safetensors_entry(path, name, entry):
     """One header entry is well formed: known dtype, and offsets spanning exactly its shape's bytes."""
     try:
-        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
         begin, end = (int(x) for x in entry["data_offsets"])
         nbytes = math.prod(int(n) for n in entry["shape"]) * dtype.itemsize
     except (KeyError, TypeError, ValueError):
@@ -128,7 +128,7 @@ def read_safetensors(path):
     with open(path, "rb") as raw, progress.bar(f"reading {os.path.basename(path)}", total) as advance:
         for name, entry in header.items():
             begin, end = entry["data_offsets"]
-            array = _read_raw(raw, data_start + begin, entry["shape"], _SAFETENSORS_DTYPES[entry["dtype"]])
+            array = _read_raw(raw, data_start + begin, entry["shape"], SAFETENSORS_DTYPES[entry["dtype"]])
             array = bf16_to_float32(array) if entry["dtype"] == "BF16" else array
             arrays[name] = array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
             advance(end - begin)
