@@ -221,7 +221,7 @@ def run_convert(args):
     if os.path.exists(parent):
         _check_writable(parent)
     sources.source_kind(args.source)
-    _check_revision(args.revision, args.source)
+    sources.check_revision(args.source, args.revision)
     start = time.perf_counter()
     converted = sources.resolve(args.source, use_cache=False, revision=args.revision, progress=not args.quiet)
     with conversion_progress.shown(not args.quiet):
@@ -250,12 +250,7 @@ def check_generate_args(args):
             raise UsageError(f"cannot write {path!r}: it is a folder")
     _check_writable(os.path.dirname(os.path.abspath(args.out)))
     sources.source_kind(args.model)
-    _check_revision(args.revision, args.model)
-
-
-def _check_revision(revision, source):
-    if revision is not None and not sources.is_hub_id(source):
-        raise UsageError(f"--revision applies to Hub ids only, not to the local path {source!r}")
+    sources.check_revision(args.model, args.revision)
 
 
 def _check_writable(folder):

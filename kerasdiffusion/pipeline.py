@@ -93,8 +93,7 @@ class StableDiffusion:
         self.source = os.fspath(source) if source is not None else sources.DEFAULT_MODEL
         self._prediction_type = prediction_type
         self._load_options = {"revision": revision, "use_cache": cache, "progress": progress}
-        if revision is not None and not sources.is_hub_id(self.source):
-            raise ValueError(f"revision={revision!r} applies to Hub ids only, not to the local path {self.source!r}")
+        sources.check_revision(self.source, revision)  # now, not at the lazy first load
         self._scheduler_request = scheduler
         S.get_scheduler(scheduler)  # fails on an unknown name now, not at first use
         self._components = None

@@ -103,6 +103,13 @@ def source_kind(source):
     return "file"
 
 
+def check_revision(source, revision):
+    """A revision names a Hub branch, tag or commit: a ValueError for any other source."""
+    source = os.fspath(source)
+    if revision is not None and not is_hub_id(source):
+        raise ValueError(f"revision={revision!r} applies to Hub ids only, not to the local path {source!r}")
+
+
 def resolve(source, half_precision=False, use_cache=None, revision=None, progress=False):
     """Reads (and converts, where needed) the weights of any supported source, through the cache.
 
@@ -122,9 +129,7 @@ def resolve(source, half_precision=False, use_cache=None, revision=None, progres
     """
     source = os.fspath(source)
     kind = source_kind(source)
-    if revision is not None and kind != "hub":
-        what = {"converted": "converted folder", "diffusers": "diffusers folder", "file": "checkpoint file"}[kind]
-        raise ValueError(f"revision={revision!r} applies to Hub ids only; {source!r} is a local {what}")
+    check_revision(source, revision)
     with conversion_progress.shown(progress):
         if kind == "hub":
             return _resolve_hub(source, half_precision, use_cache, revision)
