@@ -14,7 +14,11 @@ Example:
 import importlib
 import os as _os
 
+from kerasdiffusion import load_order as _load_order
+
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Before anything imports TensorFlow: Triton's library must be loaded first or not at all (see load_order).
+_load_order.prepare()
 
 __version__ = "0.1.0"
 _EXPORTS = {
