@@ -40,6 +40,30 @@ TINY_TEXT_ENCODER = dict(
 )
 
 
+def diffusers_scheduler_class(name):
+    """The diffusers scheduler class our scheduler `name` reproduces, and the extra keywords it needs.
+
+    The one table of this correspondence in the tests (the README's scheduler list says the same in words).
+    """
+    import diffusers as D
+
+    return {
+        "ddim": (D.DDIMScheduler, {}),
+        "pndm": (D.PNDMScheduler, {}),
+        "lms": (D.LMSDiscreteScheduler, {}),
+        "euler": (D.EulerDiscreteScheduler, {}),
+        "euler_ancestral": (D.EulerAncestralDiscreteScheduler, {}),
+        "dpmpp_2m": (D.DPMSolverMultistepScheduler, {}),
+        "dpmpp_2m_karras": (D.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    }[name]
+
+
+def diffusers_scheduler(name, config, **overrides):
+    """The diffusers scheduler `name` stands for, built `from_config` of `config` (a dict)."""
+    cls, extra = diffusers_scheduler_class(name)
+    return cls.from_config(config, **extra, **overrides)
+
+
 def randomize(module, seed):
     """Replaces every parameter with seeded random values of a sensible scale."""
     generator = torch.Generator().manual_seed(seed)
