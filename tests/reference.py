@@ -4,8 +4,14 @@ Every parameter is drawn anew, norm scales and biases included, so that a wrong 
 gamma/beta, a transposed kernel, q and k exchanged) changes the outputs and cannot hide.
 """
 
+import kerasdiffusion  # noqa: F401,I001  (first: it loads Triton's library before TensorFlow, see load_order)
+import keras
 import numpy as np
 import torch
+
+# The tests' `jit_compile`: without XLA, TensorFlow still builds a graph (quick to make and to run at tiny
+# sizes) while JAX runs op by op, slowly; so the tiny models compile with XLA on JAX only.
+JIT = keras.backend.backend() == "jax"
 
 TINY_UNET = dict(
     sample_size=8,

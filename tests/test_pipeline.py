@@ -24,7 +24,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd(reference):
-    return StableDiffusion.from_pretrained(reference[1], img_width=SIZE, img_height=SIZE, jit_compile=False,
+    return StableDiffusion.from_pretrained(reference[1], img_width=SIZE, img_height=SIZE, jit_compile=R.JIT,
                                            precision="float32")
 
 
@@ -93,7 +93,7 @@ def test_sd2_v_prediction_pipeline_matches_diffusers(sd2_reference, name):
     from kerasdiffusion import config as C
 
     pipeline, folder = sd2_reference
-    sd = StableDiffusion.from_pretrained(folder, img_width=SIZE, img_height=SIZE, jit_compile=False,
+    sd = StableDiffusion.from_pretrained(folder, img_width=SIZE, img_height=SIZE, jit_compile=R.JIT,
                                          precision="float32", scheduler=name)
     components = sd.components
     assert components.family is C.SD2 and components.scheduler_config.prediction_type == "v_prediction"
@@ -121,7 +121,7 @@ def test_inpainting_checkpoint_matches_diffusers(tmp_path, monkeypatch, loop):
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
     pipeline = R.make_reference_pipeline(unet_in_channels=9, seed=3)
     pipeline.save_pretrained(tmp_path / "inpaint")
-    sd = StableDiffusion.from_pretrained(tmp_path / "inpaint", img_width=SIZE, img_height=SIZE, jit_compile=False,
+    sd = StableDiffusion.from_pretrained(tmp_path / "inpaint", img_width=SIZE, img_height=SIZE, jit_compile=R.JIT,
                                          precision="float32", scheduler="ddim", loop=loop)
     assert sd.diffusion_model.inputs[0].shape[-1] == 9
     rng = np.random.default_rng(1)
@@ -261,7 +261,7 @@ def test_from_components_and_components_that_disagree(sd):
 
     parts = sd.components
     assert isinstance(parts, kd.Components)
-    other = StableDiffusion.from_components(parts, img_width=SIZE, img_height=SIZE, jit_compile=False)
+    other = StableDiffusion.from_components(parts, img_width=SIZE, img_height=SIZE, jit_compile=R.JIT)
     assert other.diffusion_model is sd.diffusion_model and other.scheduler.config == parts.scheduler_config
     narrow = build_text_encoder(TextEncoderConfig(width=32, num_layers=1, num_heads=1, mlp_dim=64))
     with pytest.raises(ValueError, match="attends to a 64-wide context but the text encoder gives 32"):
