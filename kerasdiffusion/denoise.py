@@ -120,6 +120,15 @@ class Denoiser:
         self.programs = collections.OrderedDict()
         self.trace_count = 0
 
+    def program(self, loop, scheduler, plan, conditioning):
+        """The compiled program of ``loop`` for this run (made on first use, then kept by value).
+
+        ``"steps"``: ``(latents, state, i, conditioning, noise) -> (latents, state)``, one evaluation;
+        ``"compiled"``: ``(latents, start, conditioning, noises) -> latents``, the whole loop. Arguments are
+        tensors (see `__call__`, which drives either).
+        """
+        return self._program(loop, scheduler, plan, conditioning, float(conditioning.guidance) > 1.0)
+
     def _program(self, loop, scheduler, plan, conditioning, guided):
         key = (loop, scheduler.key, plan.num_steps, guided, conditioning.kind)
         if key in self.programs:
@@ -154,7 +163,7 @@ class Denoiser:
         if loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {loop!r}")
         guided = float(conditioning.guidance) > 1.0
-        conditioning = _as_tensors(conditioning)
+        conditioning = as_tensors(conditioning)
         program = self._program(loop, scheduler, plan, conditioning, guided)
         latents = _tensor(latents, "float32")
         if loop == "compiled":
@@ -176,7 +185,7 @@ def _tensor(value, dtype):
     return ops.convert_to_tensor(np.asarray(value, dtype))
 
 
-def _as_tensors(conditioning):
+def as_tensors(conditioning):
     """Every field as a float32 tensor, so that each backend traces one program per shape."""
     keep = conditioning.keep
     return Conditioning(
