@@ -73,8 +73,8 @@ def read_state_dict(path):
 # ---------------------------------------------------------------------------------------------- safetensors
 
 
-def read_safetensors_header(path):
-    """The tensor table of a safetensors file and where its data starts, checked against the file's size.
+def _safetensors_header_json(path):
+    """The parsed JSON header of a safetensors file (``__metadata__`` included) and where the data starts.
 
     The format is an 8-byte little-endian header length, that many bytes of JSON, then the raw data.
     """
@@ -92,16 +92,29 @@ def read_safetensors_header(path):
             raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
+    return header, 8 + length
+
+
+def read_safetensors_header(path):
+    """The tensor table of a safetensors file and where its data starts, checked against the file's size."""
+    header, data_start = _safetensors_header_json(path)
     header.pop("__metadata__", None)
     for name, entry in header.items():
         _check_safetensors_entry(path, name, entry)
-    data_start = 8 + length
-    data_size = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    data_size, size = max((entry["data_offsets"][1] for entry in header.values()), default=0), os.path.getsize(path)
     if data_start + data_size > size:
         raise CheckpointError(
             f"{path}: truncated: header says {data_size} bytes of data, file has {size - data_start}"
         )
     return header, data_start
+
+
+def read_safetensors_metadata(path):
+    """The ``__metadata__`` strings of a safetensors file's header (``{}`` when it has none)."""
+    metadata = _safetensors_header_json(path)[0].get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ is not an object")
+    return metadata
 
 
 def _check_safetensors_entry(path, name, entry):
@@ -264,7 +277,12 @@ _INERT_GLOBALS = {
     f"numpy.{m}{name}"
     for m in ("", "core.multiarray.", "_core.multiarray.")
     for name in ("scalar", "_reconstruct", "dtype", "ndarray")
-} | {"argparse.Namespace"}
+} | {
+    "argparse.Namespace",
+    # AUTOMATIC1111 embeddings saved with torch <= 1.11 pickle their ``string_to_param`` as a whole
+    # ParameterDict module; as a placeholder its pickled state (``_parameters``) stays readable.
+    "torch.nn.modules.container.ParameterDict",
+}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -341,12 +359,31 @@ def _unpickle(file, path):
 
 def read_torch_pickle(path):
     """Every tensor of a ``torch.save`` file, zip or legacy, read with the restricted unpickler."""
+    return _read_torch(path, lambda obj, load: _materialize_all(_state_dict_of(obj, path), load, path))
+
+
+def read_torch_pickle_tree(path):
+    """The whole object a ``torch.save`` file holds, read with the restricted unpickler, each tensor as a
+    numpy array: nested dicts, lists and plain values as they were pickled, for files that are not a flat
+    state dict (AUTOMATIC1111's textual-inversion ``.pt``). Placeholders of data-only classes keep their
+    pickled state in ``.state``.
+
+    Example:
+
+    >>> read_torch_pickle_tree("embedding.pt")["string_to_param"]["*"].shape   # doctest: +SKIP
+    (2, 768)
+    """
+    return _read_torch(path, lambda obj, load: _materialize_tree(obj, load, path))
+
+
+def _read_torch(path, finish):
+    """Unpickles a ``torch.save`` file and returns ``finish(object, load_storage)``."""
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"
-    return _read_torch_zip(path) if is_zip else _read_torch_legacy(path)
+    return _read_torch_zip(path, finish) if is_zip else _read_torch_legacy(path, finish)
 
 
-def _read_torch_zip(path):
+def _read_torch_zip(path, finish):
     """The zip format: ``<archive>/data.pkl`` plus one ``<archive>/data/<key>`` file per storage."""
     try:
         with zipfile.ZipFile(path) as zf:
@@ -356,7 +393,6 @@ def _read_torch_zip(path):
             prefix = pickles[0][: -len("data.pkl")]
             with zf.open(pickles[0]) as f:
                 obj, _ = _unpickle(f, path)
-            state_dict = _state_dict_of(obj, path)
             byteorder = _zip_byteorder(zf, prefix)
             cache = {}
 
@@ -365,7 +401,7 @@ def _read_torch_zip(path):
                     cache[ref.key] = _zip_storage(zf, f"{prefix}data/{ref.key}", ref.storage_type, byteorder, path)
                 return cache[ref.key]
 
-            return _materialize_all(state_dict, load, path)
+            return finish(obj, load)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated zip archive: {e}") from None
 
@@ -394,7 +430,7 @@ def _flat_storage(data, dtype, byteorder, where):
     return flat if stored.isnative or dtype.itemsize == 1 else flat.astype(dtype)
 
 
-def _read_torch_legacy(path):
+def _read_torch_legacy(path, finish):
     """The pre-1.6 stream: magic, protocol, sys info, the object, its storage keys, then each storage
     as an 8-byte element count followed by its raw bytes, in key order."""
     with open(path, "rb") as f:
@@ -407,7 +443,6 @@ def _read_torch_legacy(path):
         keys, _ = _unpickle(f, path)
         byteorder = "little" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else "big"
         offsets = _legacy_storage_offsets(f, path, [str(k) for k in keys], storage_types, byteorder)
-        state_dict = _state_dict_of(obj, path)
         cache = {}
 
         def load(ref):
@@ -418,7 +453,7 @@ def _read_torch_legacy(path):
                 cache[ref.key] = _flat_storage(data, ref.storage_type.dtype, byteorder, f"{path}: storage {ref.key}")
             return cache[ref.key]
 
-        return _materialize_all(state_dict, load, path)
+        return finish(obj, load)
 
 
 def _legacy_storage_offsets(f, path, keys, storage_types, byteorder):
@@ -461,6 +496,19 @@ def _materialize_all(state_dict, load_storage, path):
             arrays[name] = _materialize(ref, load_storage, path, name)
             advance(1)
     return arrays
+
+
+def _materialize_tree(obj, load_storage, path, name="object"):
+    """``obj`` with every ``_TensorRef`` inside dicts, lists, tuples and placeholders' state read as an array."""
+    if isinstance(obj, _TensorRef):
+        return _materialize(obj, load_storage, path, name)
+    if isinstance(obj, dict):
+        return type(obj)((k, _materialize_tree(v, load_storage, path, f"{name}[{k!r}]")) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize_tree(v, load_storage, path, f"{name}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, _Inert) and hasattr(obj, "state"):
+        obj.state = _materialize_tree(obj.state, load_storage, path, f"{name}.state")
+    return obj
 
 
 def _materialize(ref, load_storage, path, name):
