@@ -135,9 +135,15 @@ class ScaledDotProductAttention(keras.layers.Layer):
     most ``block_scores`` numbers) stay in cache from the product through the softmax to the product with
     the values, instead of making several passes over memory. Each query still sees every key in one
     softmax, so the result is the full formulation's up to float rounding (this is not an online softmax).
-    Blocks are used only when the default device is a CPU: on accelerators one large batched product is
-    what the hardware wants. ``block_scores`` is a class attribute: set it to 0 to always build the whole
-    matrix.
+    Blocks are used only when the default device is a CPU. On GPUs and TPUs the backend's fused attention
+    (`keras.ops.dot_product_attention`: cuDNN's flash attention on JAX/GPU where it applies) runs instead: it
+    never materialises the scores, which at batch is what made our UNet slower than diffusers' SDPA on an
+    H100 (PERF_NOTES). On CPU the fused op is the whole-matrix formulation (TensorFlow) or close to it, and
+    the blocked loop is 2.3x faster (benchmarks/attention.py), so CPUs keep it.
+
+    ``block_scores`` and ``fused`` are class attributes: ``block_scores = 0`` always builds the whole
+    matrix where the fused op is not used; ``fused = True`` / ``False`` forces the fused op on or off on
+    every device (``None``, the default, picks by device type).
     """
 
     # 512 queries x 4096 keys of float32: 8 MiB, a block that fits the last-level cache of a server CPU.
@@ -145,6 +151,7 @@ class ScaledDotProductAttention(keras.layers.Layer):
     # less time than the whole matrix under XLA, on par with torch's SDPA; 256 and 512 query rows per block
     # time the same, 1024 is slower.
     block_scores = 2**21
+    fused = None
 
     def __init__(self, num_heads, causal=False, upcast=False, **kwargs):
         super().__init__(**kwargs)
@@ -172,12 +179,33 @@ class ScaledDotProductAttention(keras.layers.Layer):
         on_cpu = keras.distribution.list_devices()[0].lower().startswith("cpu")
         return on_cpu and batch * self.num_heads * queries * keys > 2 * self.block_scores
 
+    def _fused(self):
+        if self.fused is not None:
+            return self.fused
+        return not keras.distribution.list_devices()[0].lower().startswith("cpu")
+
     def call(self, inputs):
+        if self._fused():
+            return self._fused_attention(*inputs)
         q, k, v = (self._split_heads(t) for t in inputs)
         out = self._blocked_attention(q, k, v) if self._blocked(q, k) else self._full_attention(q, k, v)
         out = ops.transpose(out, (0, 2, 1, 3))
         shape = ops.shape(out)
         return ops.reshape(out, (shape[0], shape[1], shape[2] * shape[3]))
+
+    def _fused_attention(self, q, k, v):
+        """`keras.ops.dot_product_attention` over ``[B, N, heads, d]``, the layout it takes, in and out."""
+        dtype = q.dtype
+        if self.upcast:  # a fused kernel's float16 scores could overflow like ours; float32 throughout
+            q, k, v = (ops.cast(t, "float32") for t in (q, k, v))
+
+        def heads(x):
+            shape = ops.shape(x)
+            return ops.reshape(x, (shape[0], shape[1], self.num_heads, shape[2] // self.num_heads))
+
+        out = ops.dot_product_attention(heads(q), heads(k), heads(v), is_causal=self.causal)
+        shape = ops.shape(out)
+        return ops.cast(ops.reshape(out, (shape[0], shape[1], shape[2] * shape[3])), dtype)
 
     def _full_attention(self, q, k, v):
         scores = self._scores(q, k)

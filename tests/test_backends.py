@@ -21,6 +21,7 @@ from tests import reference as R
 JAX_SUITES = {
     "schedulers": ["tests/test_schedulers.py"],
     "networks": ["tests/test_networks.py"],
+    "attention": ["tests/test_attention.py"],
     "pipeline": ["tests/test_pipeline.py"],
     "precision": ["tests/test_precision.py"],
     "cli": ["tests/test_cli.py"],
