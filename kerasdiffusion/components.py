@@ -152,7 +152,7 @@ def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None,
     check_precision(precision)
     precision = precision or default_precision()
     converted = sources.resolve(source, half_precision=precision != "float32", use_cache=cache, revision=revision,
-                                progress=progress)
+                                progress=progress, lazy=True)
     weights = converted.weights
     family = C.family_from_weights(weights["text_encoder"])
     vae_config = C.vae_config_from_weights(weights["vae"], family)

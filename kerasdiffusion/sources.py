@@ -110,7 +110,7 @@ def check_revision(source, revision):
         raise ValueError(f"revision={revision!r} applies to Hub ids only, not to the local path {source!r}")
 
 
-def resolve(source, half_precision=False, use_cache=None, revision=None, progress=False):
+def resolve(source, half_precision=False, use_cache=None, revision=None, progress=False, lazy=False):
     """Reads (and converts, where needed) the weights of any supported source, through the cache.
 
     Args:
@@ -121,6 +121,8 @@ def resolve(source, half_precision=False, use_cache=None, revision=None, progres
         revision: for Hub ids, a branch, tag or commit (default: the main branch).
         progress: show progress bars (on stderr) while reading and writing weights. The Hub's
             download bars follow huggingface_hub's own setting.
+        lazy: weights read from a converted folder (the cache's entries included) are
+            `weights_conversion.readers.LazyTensor`s, read one at a time as they are assigned.
 
     Raises:
         FileNotFoundError, CheckpointError: see `source_kind` and `weights_conversion.convert_source`.
@@ -132,12 +134,12 @@ def resolve(source, half_precision=False, use_cache=None, revision=None, progres
     check_revision(source, revision)
     with conversion_progress.shown(progress):
         if kind == "hub":
-            return _resolve_hub(source, half_precision, use_cache, revision)
+            return _resolve_hub(source, half_precision, use_cache, revision, lazy)
         if kind == "converted":
-            return convert_source(source)
+            return convert_source(source, lazy)
         key = file_key(source) if kind == "file" else folder_key(source)
         label = os.path.basename(os.path.normpath(source))
-        return _cached(_entry_name(label, key), source, lambda: convert_source(source), use_cache)
+        return _cached(_entry_name(label, key), source, lambda: convert_source(source), use_cache, lazy)
 
 
 # ------------------------------------------------------------------------------------------------ cache keys
@@ -217,7 +219,7 @@ def cache_enabled(use_cache=None):
     return os.environ.get(NO_CACHE_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
 
 
-def _cached(name, source, convert, use_cache):
+def _cached(name, source, convert, use_cache, lazy=False):
     """The converted weights of ``source``: from the cache entry ``name``, or converted and stored there.
 
     An entry appears only by renaming a complete staging folder (`save_converted`), so a reader sees a whole
@@ -228,7 +230,7 @@ def _cached(name, source, convert, use_cache):
     entry = os.path.join(cache_dir(), "converted", name)
     if is_converted_folder(entry):
         try:
-            converted = convert_source(entry)
+            converted = convert_source(entry, lazy)
         except (ValueError, OSError) as error:  # CheckpointError is a ValueError, as is a corrupt manifest's
             logger.warning("Ignoring unreadable cache entry %s (%s); converting again.", entry, error)
             _discard(entry)
@@ -287,7 +289,7 @@ def _remove_stale_staging(parent):
 # ------------------------------------------------------------------------------------------------------- Hub
 
 
-def _resolve_hub(repo_id, half_precision, use_cache, revision):
+def _resolve_hub(repo_id, half_precision, use_cache, revision, lazy=False):
     """Resolves the revision to a commit (fetching only the small config files), then looks in the cache;
     only on a miss are the weight files fetched and converted."""
     configs = _snapshot(repo_id, revision, HUB_PATTERNS)
@@ -299,7 +301,7 @@ def _resolve_hub(repo_id, half_precision, use_cache, revision):
         return converted
 
     name = _entry_name(repo_id.replace("/", "--"), hub_key(repo_id, commit, half_precision))
-    return _cached(name, repo_id, download_and_convert, use_cache)
+    return _cached(name, repo_id, download_and_convert, use_cache, lazy)
 
 
 def _download_weights(repo_id, commit, configs, half_precision):

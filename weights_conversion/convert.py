@@ -77,7 +77,7 @@ def _convert_networks(state_dicts):
     return weights
 
 
-def _load_converted_folder(path):
+def _load_converted_folder(path, lazy=False):
     manifest = _read_json(os.path.join(path, MANIFEST))
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported converted-folder format {manifest.get('format_version')!r}")
@@ -86,13 +86,15 @@ def _load_converted_folder(path):
         file = os.path.join(path, f"{network}.safetensors")
         if not os.path.isfile(file):
             raise CheckpointError(f"{path}: converted folder lacks {network}.safetensors")
-        weights[network] = readers.read_state_dict(file)
+        weights[network] = readers.read_state_dict(file, lazy=lazy)
     scheduler = _read_json(os.path.join(path, "scheduler_config.json"))
     return Converted(weights, scheduler, _tokenizer_dir(path), manifest.get("source", path))
 
 
-def convert_source(path):
+def convert_source(path, lazy=False):
     """Reads a local source in any supported form and returns our weights (`Converted`).
+
+    With ``lazy``, a converted folder's weights are `readers.LazyTensor`s, read as they are used.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
@@ -104,7 +106,7 @@ def convert_source(path):
                                 "or a .safetensors / .ckpt file.")
     if os.path.isdir(path):
         if is_converted_folder(path):
-            return _load_converted_folder(path)
+            return _load_converted_folder(path, lazy)
         if is_diffusers_folder(path):
             weights = _convert_networks(readers.read_diffusers_folder(path))
             scheduler = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))

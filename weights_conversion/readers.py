@@ -49,8 +49,11 @@ def bf16_to_float32(bits):
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def read_state_dict(path):
+def read_state_dict(path, lazy=False):
     """Every tensor of one checkpoint file, by name.
+
+    With ``lazy``, a safetensors file's tensors are `LazyTensor`s, read when made into arrays (other
+    file types are read whole all the same).
 
     A pickled ``{"state_dict": {...}, ...}`` (a PyTorch Lightning checkpoint, as the original Stable
     Diffusion ``.ckpt`` files are) gives its inner ``state_dict``.
@@ -64,7 +67,7 @@ def read_state_dict(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(errno.ENOENT, "checkpoint file not found", path)
     if path.endswith(".safetensors"):
-        return read_safetensors(path)
+        return read_safetensors_lazily(path) if lazy else read_safetensors(path)
     if path.endswith(PICKLE_SUFFIXES):
         return read_torch_pickle(path)
     raise CheckpointError(f"{path}: unknown checkpoint type; expected .safetensors or one of {PICKLE_SUFFIXES}")
@@ -146,6 +149,45 @@ def read_safetensors(path):
             arrays[name] = array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
             advance(end - begin)
     return arrays
+
+
+class LazyTensor:
+    """One tensor of a safetensors file, read from the file each time it is made into an array.
+
+    Its shape and dtype come from the header, so weights can be checked against a model before any is
+    read, and assigned one at a time: the process never holds a second copy of them.
+
+    Example:
+    >>> import numpy as np, os, tempfile
+    >>> from safetensors.numpy import save_file
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    >>> save_file({"w": np.arange(6, dtype="float32").reshape(2, 3)}, path)
+    >>> tensor = read_safetensors_lazily(path)["w"]
+    >>> tensor.shape, np.asarray(tensor)[1, 2]
+    ((2, 3), np.float32(5.0))
+    """
+
+    def __init__(self, path, offset, shape, code):
+        self.path, self.offset, self.code = path, offset, code
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype("float32" if code == "BF16" else SAFETENSORS_DTYPES[code]).newbyteorder("=")
+
+    def __array__(self, dtype=None, copy=None):
+        with open(self.path, "rb") as raw:
+            array = _read_raw(raw, self.offset, self.shape, SAFETENSORS_DTYPES[self.code])
+        array = bf16_to_float32(array) if self.code == "BF16" else array
+        array = array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __repr__(self):
+        return f"LazyTensor({os.path.basename(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+def read_safetensors_lazily(path):
+    """Every tensor of a safetensors file as a `LazyTensor`; the header is checked now, against the file's size."""
+    header, data_start = read_safetensors_header(path)
+    return {name: LazyTensor(path, data_start + entry["data_offsets"][0], entry["shape"], entry["dtype"])
+            for name, entry in header.items()}
 
 
 def _read_raw(f, offset, shape, dtype):
