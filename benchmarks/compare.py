@@ -57,13 +57,14 @@ def configurations(device):
     ours = [("float32", True, "blocked"), ("float32", True, "whole"), ("float32", False, "blocked"),
             ("mixed_bfloat16", True, "blocked"), ("mixed_bfloat16", False, "blocked")]
     peers = [("kerascv", "float32", True), ("kerascv", "float32", False), ("diffusers", "float32", False)]
-    return [("ours", *c) for c in ours] + [(*c, None) for c in peers]
+    # The same pipeline on Keras' JAX backend (its own worker process, KERAS_BACKEND=jax).
+    return [("ours", *c) for c in ours] + [("ours-jax", "float32", True, "blocked")] + [(*c, None) for c in peers]
 
 
 def label(peer, precision, xla, attention):
     if peer == "diffusers":
         return f"diffusers {precision} eager+SDPA"
-    name = {"ours": "kerasdiffusion", "kerascv": "KerasCV"}[peer]
+    name = {"ours": "kerasdiffusion", "ours-jax": "kerasdiffusion on JAX", "kerascv": "KerasCV"}[peer]
     text = f"{name} {precision} {'XLA' if xla else 'graph'}"
     return text + (", whole-matrix attention (before)" if attention == "whole" else "")
 
@@ -105,7 +106,7 @@ def worker(spec):
 
     result = dict(spec, load_before=os.getloadavg())
     start = time.perf_counter()
-    options = {"attention": spec["attention"]} if spec["peer"] == "ours" else {}
+    options = {"attention": spec["attention"]} if spec["peer"] in ("ours", "ours-jax") else {}
     peer = PEERS[spec["peer"]](spec["size"], spec["steps"], spec["precision"], spec["xla"], spec["device"], **options)
     result["build_s"] = time.perf_counter() - start
     components = {}
@@ -136,6 +137,8 @@ def _threads(peer):
         import torch
 
         return {"torch_num_threads": torch.get_num_threads()}
+    if peer == "ours-jax":
+        return {}
     import tensorflow as tf
 
     return {"tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
@@ -147,7 +150,8 @@ def run_worker_process(spec, timeout):
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "result.json")
         command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec), "--worker-out", path]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                   KERAS_BACKEND="jax" if spec["peer"] == "ours-jax" else "tensorflow")
         start = time.perf_counter()
         try:
             process = subprocess.run(command, env=env, timeout=timeout, stdout=subprocess.DEVNULL)
@@ -195,6 +199,9 @@ def machine_info(gpu):
         fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
         info["cpu_model"] = fields.get("Model name", "").strip()
         info["cpu_flags_avx512"] = "avx512f" in fields.get("Flags", "")
+        # The vector extensions behind a step's speed: AVX2 and AVX-512 machines differ by 3x on it.
+        wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+        info["cpu_flags"] = " ".join(flag for flag in wanted if flag in fields.get("Flags", "").split())
         info["hypervisor"] = fields.get("Hypervisor vendor", "").strip() or None
     except OSError:
         info["cpu_model"] = platform.processor()
@@ -276,7 +283,8 @@ def markdown(report):
     lines = [
         f"# Side-by-side timings, {report['date']}",
         "",
-        f"Machine: {m.get('cpu_model')}, {m['cores']} cores, {m['memory_gib']} GiB"
+        f"Machine: {m.get('cpu_model')} (flags: {m.get('cpu_flags') or 'unknown'}), {m['cores']} cores, "
+        f"{m['memory_gib']} GiB"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU") + f"; {m['platform']}.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
         f"Command: `{report['command']}` (git {report['git']['commit'][:10]}"

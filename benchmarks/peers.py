@@ -112,7 +112,9 @@ class Ours:
         return {"step_traces": self.sd.trace_count}
 
     def gpu_peak_mb(self):
-        if self.device != "gpu":
+        import keras
+
+        if self.device != "gpu" or keras.backend.backend() != "tensorflow":
             return None
         import tensorflow as tf
 
@@ -275,4 +277,4 @@ def _write_tokenizer_files(folder):
     return folder
 
 
-PEERS = {"ours": Ours, "kerascv": KerasCV, "diffusers": Diffusers}
+PEERS = {"ours": Ours, "ours-jax": Ours, "kerascv": KerasCV, "diffusers": Diffusers}
