@@ -1,6 +1,14 @@
 """PyTorch's pickled checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) read without PyTorch and without
 running code from the file: the zip archive of ``torch.save`` and the older non-zip "legacy" stream.
 
+A pickle is a program, and these files come from strangers, so it runs on a restricted unpickler (see
+`_RestrictedUnpickler`) that can only rebuild tensors, and nothing it reads is trusted before it is
+checked: a length is read only as far as the bytes that are there, a zip member that declares more
+bytes than its whole archive is refused before it is decompressed, every shape, stride and offset is
+bounds-checked against its storage, and the new arrays a file makes (strided copies, bf16 widened to
+float32) may not exceed twice the file's size. Anything malformed ends in `CheckpointError` naming the
+file, and the tensor where there is one.
+
 Example:
 
 >>> sd = read_torch_pickle("v1-5-pruned-emaonly.ckpt")             # doctest: +SKIP
@@ -10,14 +18,19 @@ Example:
 
 import _compat_pickle
 import collections
+import io
+import math
 import os
 import pickle
+import reprlib
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
 from weights_conversion import progress
-from weights_conversion.arrays import bf16_to_float32, strided_view
+from weights_conversion.arrays import bf16_to_float32, check_layout, is_contiguous, strided_view
 from weights_conversion.errors import CheckpointError, UnsafeCheckpointError
 
 # torch.<Name>Storage -> the numpy dtype of its elements (bf16 is read as its raw 16 bits).
@@ -28,6 +41,13 @@ _TORCH_STORAGE_DTYPES = {
 }
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+# A real checkpoint names a handful of classes we do not import (Lightning callbacks, omegaconf); a file
+# naming thousands would only be making the reader build classes.
+_MAX_PLACEHOLDER_CLASSES = 256
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
 
 
 # ------------------------------------------------------------------------------------ the restricted unpickler
@@ -49,25 +69,11 @@ class _StorageRef:
 
 
 class _TensorRef:
-    """A tensor as ``_rebuild_tensor_v2`` describes it: a strided view of a storage."""
+    """A tensor as ``_rebuild_tensor_v2`` describes it: a strided view of a storage, its numbers as the
+    pickle gave them (checked once the tensor's name is known, so that errors can name it)."""
 
     def __init__(self, storage, offset, shape, stride):
         self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """Our stand-in for ``torch._utils._rebuild_tensor_v2``: records the view, reads nothing yet."""
-    if not isinstance(storage, _StorageRef):
-        raise CheckpointError(f"a tensor's storage is a {type(storage).__name__}, not a storage")
-    shape, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
-    if len(shape) != len(stride):
-        raise CheckpointError(f"a tensor of shape {shape} has strides {stride}")
-    return _TensorRef(storage, storage.offset + int(storage_offset), shape, stride)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
-    """Our stand-in for ``torch._utils._rebuild_parameter(_with_state)``: a parameter is its tensor."""
-    return data
 
 
 class _TorchClass:
@@ -77,18 +83,58 @@ class _TorchClass:
         self.name = name
 
 
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """Our stand-in for ``torch._utils._rebuild_tensor_v2``: records the view, reads nothing yet."""
+    if not isinstance(storage, _StorageRef):
+        raise CheckpointError(f"a tensor's storage is a {type(storage).__name__}, not a storage")
+    return _TensorRef(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
+    """Our stand-in for ``torch._utils._rebuild_parameter(_with_state)``: a parameter is its tensor."""
+    return data
+
+
 def _rebuild_from_type(func, new_type, args, state):
     """Our stand-in for ``torch._tensor._rebuild_from_type_v2``: only for plain tensors and parameters."""
     if func not in (_rebuild_tensor, _rebuild_parameter) or not isinstance(new_type, _TorchClass):
-        raise UnsafeCheckpointError(f"refused tensor subclass rebuild {getattr(new_type, 'name', new_type)!r}")
+        name = getattr(new_type, "name", new_type)
+        raise UnsafeCheckpointError(f"refused tensor subclass rebuild {_short.repr(name)}")
     return func(*args)
 
 
 def _latin1_encode(text, encoding="latin1"):
     """``_codecs.encode`` as protocol-2 pickles use it, to carry bytes as latin-1 text."""
     if encoding not in ("latin1", "latin-1"):
-        raise UnsafeCheckpointError(f"refused _codecs.encode with encoding {encoding!r}")
+        raise UnsafeCheckpointError(f"refused _codecs.encode with encoding {_short.repr(encoding)}")
     return text.encode("latin1")
+
+
+def _check_key(key):
+    """A dict key or set member that hashes without deep recursion: anything but a tuple or frozenset, or
+    one of those holding no tuple or frozenset.
+
+    Python hashes nested tuples recursively in C with no depth limit: a key of a million nested tuples,
+    a 1 MB pickle, overflows the C stack and kills the interpreter. Checkpoints key by strings and ints.
+    """
+    if isinstance(key, (tuple, frozenset)) and any(isinstance(item, (tuple, frozenset)) for item in key):
+        raise CheckpointError("a dict key or set member nested more than one tuple deep")
+    return key
+
+
+def _checked_set(items=()):
+    """``builtins.set``, with its members checked before they are hashed."""
+    return set(_check_key(item) for item in items)
+
+
+def _checked_frozenset(items=()):
+    """``builtins.frozenset``, with its members checked before they are hashed."""
+    return frozenset(_check_key(item) for item in items)
+
+
+def _checked_ordered_dict(items=()):
+    """``collections.OrderedDict`` called with its items (pickles usually add them later, with SETITEMS)."""
+    return collections.OrderedDict((_check_key(key), value) for key, value in items)
 
 
 class _Inert:
@@ -110,20 +156,10 @@ class _Inert:
         self.__dict__.setdefault("elements", []).extend(values)
 
 
-_INERT_CLASSES = {}
-
-
-def _inert_class(qualified_name):
-    """One placeholder class per global name: a fresh subclass of ``_Inert``, never the real thing."""
-    if qualified_name not in _INERT_CLASSES:
-        _INERT_CLASSES[qualified_name] = type(qualified_name, (_Inert,), {"__module__": __name__})
-    return _INERT_CLASSES[qualified_name]
-
-
 def _reconstruct_inert(cls, base, state=None):
     """``copyreg._reconstructor`` (protocol 0/1 objects), allowed only to make a placeholder."""
     if not (isinstance(cls, type) and issubclass(cls, _Inert)):
-        raise UnsafeCheckpointError(f"refused copyreg._reconstructor of {cls!r}")
+        raise UnsafeCheckpointError(f"refused copyreg._reconstructor of {_short.repr(cls)}")
     return cls()
 
 
@@ -135,9 +171,9 @@ _SAFE_GLOBALS = {
     "torch.Tensor": _TorchClass("torch.Tensor"),
     "torch.nn.parameter.Parameter": _TorchClass("torch.nn.parameter.Parameter"),
     "torch.Size": tuple,
-    "collections.OrderedDict": collections.OrderedDict,
-    "builtins.set": set,
-    "builtins.frozenset": frozenset,
+    "collections.OrderedDict": _checked_ordered_dict,
+    "builtins.set": _checked_set,
+    "builtins.frozenset": _checked_frozenset,
     "_codecs.encode": _latin1_encode,
     "copyreg._reconstructor": _reconstruct_inert,
 }
@@ -152,13 +188,15 @@ _INERT_GLOBALS = {
 } | {"argparse.Namespace"}
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):
     """A pickle reader that can only rebuild tensors; it never imports or calls anything named in the file.
 
     ``find_class`` answers every global the pickle names from a fixed table of our own functions
     (tensor rebuilders that build numpy views, storage dtypes, plain containers). Any other global is
     refused with ``UnsafeCheckpointError`` before anything runs: ``os.system``, ``builtins.eval`` and
-    every class with its own ``__reduce__`` are never looked up, so they cannot execute.
+    every class with its own ``__reduce__`` are never looked up, so they cannot execute. ``BUILD``
+    (setting an object's attributes) is allowed only on dicts and placeholders, so a pickle cannot
+    alter our own functions and records either.
 
     Training checkpoints also pickle things we do not need beside the weights: the original Stable
     Diffusion ``.ckpt`` files key their ``callbacks`` dict by the class
@@ -170,12 +208,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
     with ``CheckpointError``. Everything else (``os``, ``subprocess``, ``builtins.eval``/``exec``/
     ``getattr``, ``torch.storage._load_from_bytes`` which would unpickle nested bytes, whole modules)
     stays refused: in a weights file those are a sign of tampering, not data.
+
+    It is the standard library's pure-Python unpickler (``pickle._Unpickler``), not the C one, because the
+    C one believes what a pickle says before checking it: a memo index of 2**31 in a 9-byte pickle makes
+    it allocate and clear 32 GiB, a declared length makes it allocate that many bytes before reading
+    them, and it hashes dict keys in C with no depth limit (a 1 MB pickle of nested tuples crashes the
+    interpreter). In Python the memo is a dict, every read is of bytes that are there (`_BoundedFile`,
+    or a bytes buffer), and the opcodes that hash or allocate are replaced below by checked ones. It
+    reads a 2,500-tensor state dict's pickle in about 80 ms, against 20 ms in C.
     """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, path):
         super().__init__(file)
         self.path = path
         self.storages = {}
+        self.placeholders = {}
 
     def find_class(self, module, name):
         if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -187,25 +236,95 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "torch" and name in _TORCH_STORAGE_DTYPES:
             return _StorageType(name)
         if qualified in _INERT_GLOBALS or qualified.startswith(_INERT_MODULE_PREFIXES):
-            return _inert_class(qualified)
+            return self._placeholder_class(qualified)
         raise UnsafeCheckpointError(
-            f"{self.path}: refused global {qualified!r}: a weights file may only rebuild tensors; "
+            f"{self.path}: refused global {_short.repr(qualified)}: a weights file may only rebuild tensors; "
             "nothing from the file was executed"
         )
+
+    def _placeholder_class(self, qualified_name):
+        """One placeholder class per global name and file: a fresh subclass of ``_Inert``, never the real thing."""
+        if qualified_name not in self.placeholders:
+            if len(self.placeholders) >= _MAX_PLACEHOLDER_CLASSES:
+                raise CheckpointError(f"names more than {_MAX_PLACEHOLDER_CLASSES} classes beside its tensors")
+            self.placeholders[qualified_name] = type(qualified_name, (_Inert,), {"__module__": __name__})
+        return self.placeholders[qualified_name]
 
     def persistent_load(self, pid):
         """A storage reference ``("storage", type, key, location, numel[, view])`` -> ``_StorageRef``."""
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise CheckpointError(f"{self.path}: unsupported persistent id {pid!r}")
-        storage_type, key = pid[1], str(pid[2])
+            raise CheckpointError(f"unsupported persistent id {_short.repr(pid)}")
+        storage_type, key = pid[1], pid[2]
+        if type(key) is not str:
+            raise CheckpointError(f"a storage key is a {type(key).__name__}, not a string")
         if not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"{self.path}: storage {key} has type {storage_type!r}")
+            raise CheckpointError(f"storage {_short.repr(key)} has type {type(storage_type).__name__}")
         self.storages[key] = storage_type
         view = pid[5] if len(pid) > 5 else None
         if view is None:
             return _StorageRef(key, storage_type)
         _view_key, offset, _size = view
-        return _StorageRef(key, storage_type, int(offset))
+        if type(offset) is not int or offset < 0:
+            raise CheckpointError(f"storage {_short.repr(key)}: a view's offset is not a non-negative integer")
+        return _StorageRef(key, storage_type, offset)
+
+    # The opcodes that hash what the pickle built, or allocate what it declares, check it first.
+
+    def _load_setitem(self):
+        _check_key(self.stack[-2])
+        pickle._Unpickler.load_setitem(self)
+
+    def _load_marked(self, load, step):
+        """``load`` after checking the keys (``step`` 2) or members (``step`` 1) pushed since the last MARK."""
+        for key in self.stack[::step]:
+            _check_key(key)
+        load(self)
+
+    def _load_bytearray8(self):
+        (size,) = struct.unpack("<Q", self.read(8))
+        data = self.read(size)  # the plain opcode allocates ``size`` bytes before reading any
+        if len(data) < size:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        self.append(bytearray(data))
+
+    def _load_build(self):
+        if not isinstance(self.stack[-2], (_Inert, dict)):
+            raise UnsafeCheckpointError(f"refused to set the state of a {type(self.stack[-2]).__name__}")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.SETITEM[0]] = _load_setitem
+    dispatch[pickle.SETITEMS[0]] = lambda self: self._load_marked(pickle._Unpickler.load_setitems, 2)
+    dispatch[pickle.DICT[0]] = lambda self: self._load_marked(pickle._Unpickler.load_dict, 2)
+    dispatch[pickle.ADDITEMS[0]] = lambda self: self._load_marked(pickle._Unpickler.load_additems, 1)
+    dispatch[pickle.FROZENSET[0]] = lambda self: self._load_marked(pickle._Unpickler.load_frozenset, 1)
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+    dispatch[pickle.BUILD[0]] = _load_build
+
+
+class _BoundedFile:
+    """An open file's ``read`` and ``readline`` that never ask for more bytes than are left in it.
+
+    Python's buffered reader allocates what a read asks for before it reads; a pickle that declares a
+    length of terabytes would otherwise make it try.
+    """
+
+    def __init__(self, f):
+        self.f = f
+        self.size = os.fstat(f.fileno()).st_size
+
+    def _left(self, n):
+        left = max(self.size - self.f.tell(), 0)
+        return left if n is None or n < 0 else min(n, left)
+
+    def read(self, n=-1):
+        return self.f.read(self._left(n))
+
+    def readline(self, limit=-1):
+        return self.f.readline(self._left(limit))
+
+
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
+                  ArithmeticError, struct.error, RecursionError, MemoryError)
 
 
 def _unpickle(file, path):
@@ -217,8 +336,8 @@ def _unpickle(file, path):
         if str(e).startswith(path):
             raise
         raise type(e)(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated pickle: {type(e).__name__}: {e}") from None
+    except _PICKLE_ERRORS as e:
+        raise CheckpointError(f"{path}: corrupt or truncated pickle: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 # -------------------------------------------------------------------------------------- torch.save formats
@@ -231,49 +350,80 @@ def read_torch_pickle(path):
     return _read_torch_zip(path) if is_zip else _read_torch_legacy(path)
 
 
+# What zipfile raises for a damaged archive: bad structures, truncated or corrupt compressed data, an
+# unknown compression method (NotImplementedError), an encrypted member (RuntimeError), a member said to
+# start before the file does (OSError from seek).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError,
+               ValueError, struct.error, OSError)
+
+
 def _read_torch_zip(path):
     """The zip format: ``<archive>/data.pkl`` plus one ``<archive>/data/<key>`` file per storage."""
     try:
         with zipfile.ZipFile(path) as zf:
+            read_member = _member_reader(zf, path)
             pickles = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
                 raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (no single <archive>/data.pkl)")
             prefix = pickles[0][: -len("data.pkl")]
-            with zf.open(pickles[0]) as f:
-                obj, _ = _unpickle(f, path)
+            obj, _ = _unpickle(io.BytesIO(read_member(pickles[0], path)), path)
             state_dict = _state_dict_of(obj, path)
-            byteorder = _zip_byteorder(zf, prefix)
+            byteorder = _zip_byteorder(zf, read_member, prefix, path)
             cache = {}
 
-            def load(ref):
+            def load(ref, where):
                 if ref.key not in cache:
-                    cache[ref.key] = _zip_storage(zf, f"{prefix}data/{ref.key}", ref.storage_type, byteorder, path)
+                    data = read_member(f"{prefix}data/{ref.key}", where)
+                    cache[ref.key] = _flat_storage(data, ref.storage_type.dtype, byteorder, where)
                 return cache[ref.key]
 
             return _materialize_all(state_dict, load, path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated zip archive: {e}") from None
+    except CheckpointError:
+        raise
+    except _ZIP_ERRORS as e:
+        raise CheckpointError(f"{path}: corrupt or truncated zip archive: {type(e).__name__}: {e}") from None
 
 
-def _zip_byteorder(zf, prefix):
+def _member_reader(zf, path):
+    """``read(name, where)``: a member's bytes, refused before decompression if it declares more than is
+    left of the archive's size (the members read from one archive together never exceed it: a torch
+    archive stores them uncompressed, so a member declaring gigabytes in a small file is a zip bomb)."""
+    left = os.path.getsize(path)
+
+    def read(name, where):
+        nonlocal left
+        try:
+            info = zf.getinfo(name)
+        except KeyError:
+            raise CheckpointError(f"{where}: {name} is missing from the archive") from None
+        if info.file_size > left:
+            raise CheckpointError(f"{where}: {name} declares {info.file_size} bytes, more than the file can hold "
+                                  f"({os.path.getsize(path)} bytes in all)")
+        left -= info.file_size
+        with zf.open(info) as member:
+            data = member.read(info.file_size)  # one bounded read: zipfile never inflates past this length
+        if len(data) != info.file_size:
+            raise CheckpointError(f"{where}: {name} is truncated")
+        return data
+
+    return read
+
+
+def _zip_byteorder(zf, read_member, prefix, path):
     """``"little"`` or ``"big"``: how the archive's storages were written (files before torch 1.13: little)."""
     name = f"{prefix}byteorder"
-    return zf.read(name).decode().strip() if name in zf.namelist() else "little"
-
-
-def _zip_storage(zf, name, storage_type, byteorder, path):
-    """One storage file of the archive as a flat array, read once."""
-    try:
-        data = zf.read(name)
-    except KeyError:
-        raise CheckpointError(f"{path}: storage {name} is missing from the archive") from None
-    return _flat_storage(data, storage_type.dtype, byteorder, f"{path}: storage {name}")
+    if name not in zf.namelist():
+        return "little"
+    byteorder = read_member(name, path).decode("ascii", "replace").strip()
+    if byteorder not in ("little", "big"):
+        raise CheckpointError(f"{path}: {name} says {_short.repr(byteorder)}, not little or big")
+    return byteorder
 
 
 def _flat_storage(data, dtype, byteorder, where):
     """Raw storage bytes as a flat native-endian array (a view when no byte swap is needed)."""
     if len(data) % dtype.itemsize:
-        raise CheckpointError(f"{where}: {len(data)} bytes is not a whole number of {dtype} elements")
+        raise CheckpointError(f"{where}: its storage's {len(data)} bytes are not a whole number of {dtype} elements")
     stored = dtype.newbyteorder("<" if byteorder == "little" else ">")
     flat = np.frombuffer(data, dtype=stored)
     return flat if stored.isnative or dtype.itemsize == 1 else flat.astype(dtype)
@@ -282,28 +432,38 @@ def _flat_storage(data, dtype, byteorder, where):
 def _read_torch_legacy(path):
     """The pre-1.6 stream: magic, protocol, sys info, the object, its storage keys, then each storage
     as an 8-byte element count followed by its raw bytes, in key order."""
-    with open(path, "rb") as f:
+    with open(path, "rb") as raw:
+        f = _BoundedFile(raw)
         magic, _ = _unpickle(f, path)
-        if magic != _LEGACY_MAGIC:
+        if type(magic) is not int or magic != _LEGACY_MAGIC:
             raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither zip nor legacy format)")
         _unpickle(f, path)
         sys_info, _ = _unpickle(f, path)
         obj, storage_types = _unpickle(f, path)
         keys, _ = _unpickle(f, path)
         byteorder = "little" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else "big"
-        offsets = _legacy_storage_offsets(f, path, [str(k) for k in keys], storage_types, byteorder)
+        offsets = _legacy_storage_offsets(raw, path, _legacy_keys(keys, path), storage_types, byteorder)
         state_dict = _state_dict_of(obj, path)
         cache = {}
 
-        def load(ref):
+        def load(ref, where):
+            if ref.key not in offsets:
+                raise CheckpointError(f"{where}: its storage {_short.repr(ref.key)} is not in the file")
             if ref.key not in cache:
                 offset, count = offsets[ref.key]
-                f.seek(offset)
-                data = f.read(count * ref.storage_type.dtype.itemsize)
-                cache[ref.key] = _flat_storage(data, ref.storage_type.dtype, byteorder, f"{path}: storage {ref.key}")
+                raw.seek(offset)
+                data = raw.read(count * ref.storage_type.dtype.itemsize)
+                cache[ref.key] = _flat_storage(data, ref.storage_type.dtype, byteorder, where)
             return cache[ref.key]
 
         return _materialize_all(state_dict, load, path)
+
+
+def _legacy_keys(keys, path):
+    """The storage keys listed after a legacy file's object (torch writes them as strings)."""
+    if not isinstance(keys, (list, tuple)) or not all(type(k) is str for k in keys):
+        raise CheckpointError(f"{path}: corrupt legacy checkpoint: the storage keys are not a list of strings")
+    return list(keys)
 
 
 def _legacy_storage_offsets(f, path, keys, storage_types, byteorder):
@@ -312,17 +472,18 @@ def _legacy_storage_offsets(f, path, keys, storage_types, byteorder):
     position, offsets = f.tell(), {}
     for key in keys:
         if key not in storage_types:
-            raise CheckpointError(f"{path}: storage {key} is listed but no tensor uses it")
+            raise CheckpointError(f"{path}: storage {_short.repr(key)} is listed but no tensor uses it")
         f.seek(position)
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated: storage {key} starts past the end of the file")
+            raise CheckpointError(f"{path}: truncated: storage {_short.repr(key)} starts past the end of the file")
         count = int.from_bytes(head, byteorder)
         position += 8
         offsets[key] = (position, count)
         position += count * storage_types[key].dtype.itemsize
         if position > size:
-            raise CheckpointError(f"{path}: truncated: storage {key} ends at byte {position}, file has {size}")
+            raise CheckpointError(f"{path}: truncated: storage {_short.repr(key)} ends at byte {position}, "
+                                  f"file has {size}")
     return offsets
 
 
@@ -332,26 +493,41 @@ def _state_dict_of(obj, path):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    others = [str(k) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, _TensorRef))]
+    others = [_short.repr(k) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, _TensorRef))]
     if others:
         raise CheckpointError(f"{path}: state dict entries that are not named tensors: {', '.join(others[:20])}")
     return obj
 
 
 def _materialize_all(state_dict, load_storage, path):
-    """Every ``_TensorRef`` of a state dict as an array, with a progress bar over the tensors."""
-    arrays = {}
+    """Every ``_TensorRef`` of a state dict as an array, with a progress bar over the tensors.
+
+    Storages are read once each and never exceed the file. Contiguous tensors are views of them; the
+    new arrays (strided copies, bf16 widened to float32) may take at most twice the file's size, which
+    is what a real checkpoint needs at most (all of it bf16), so no tensor can claim more memory than
+    its file could justify, however it reuses one storage.
+    """
+    arrays, allowance = {}, 2 * os.path.getsize(path)
     with progress.bar(f"reading {os.path.basename(path)}", len(state_dict), unit="tensor") as advance:
         for name, ref in state_dict.items():
-            arrays[name] = _materialize(ref, load_storage, path, name)
+            where = f"{path}: tensor {_short.repr(name)}"
+            shape, stride = check_layout(ref.shape, ref.stride, ref.offset, where)
+            storage_type = ref.storage.storage_type
+            cost = _new_bytes(storage_type, shape, stride)
+            if cost > allowance:
+                raise CheckpointError(f"{where}: shape {shape} would make {cost} new bytes, beyond twice the "
+                                      "file's size in all")
+            allowance -= cost
+            flat = load_storage(ref.storage, where)
+            array = strided_view(flat, ref.storage.offset + ref.offset, shape, stride, where)
+            arrays[name] = bf16_to_float32(array) if storage_type.name == "BFloat16Storage" else array
             advance(1)
     return arrays
 
 
-def _materialize(ref, load_storage, path, name):
-    """A ``_TensorRef`` as a numpy array: its storage, offset, shape and strides applied, bf16 widened."""
-    flat = load_storage(ref.storage)
-    array = strided_view(flat, ref.offset, ref.shape, ref.stride, f"{path}: tensor {name!r}")
-    if ref.storage.storage_type.name == "BFloat16Storage":
-        return bf16_to_float32(array)
-    return array
+def _new_bytes(storage_type, shape, stride):
+    """The bytes a tensor's array takes beyond its storage: none for a contiguous view."""
+    count = math.prod(shape)
+    if storage_type.name == "BFloat16Storage":
+        return count * 4
+    return 0 if is_contiguous(shape, stride) else count * storage_type.dtype.itemsize
