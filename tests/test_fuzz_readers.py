@@ -20,6 +20,7 @@ To fuzz another reader, add one `Reader` line to `READERS`: a name, the file nam
 and a strategy of file contents (`mutated(make_seeds)` of a function returning valid files is enough).
 """
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -27,6 +28,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
 import tracemalloc
@@ -38,11 +40,17 @@ import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests import hostile_files as H
 from weights_conversion.__main__ import main as convert_main
 from weights_conversion.errors import CheckpointError
 from weights_conversion.readers import SAFETENSORS_DTYPES, read_json_object, read_sharded, read_state_dict
+
+# Hypothesis keeps what it learns about the code in a .hypothesis folder; keep it out of the checkout.
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="kerasdiffusion-hypothesis-")
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 
 EXAMPLES = int(os.environ.get("KERASDIFFUSION_FUZZ_EXAMPLES", "500"))
 MEMORY_PER_BYTE = 256

@@ -4,6 +4,7 @@ declares instead of what it holds. `tests/test_fuzz_readers.py` tries the same r
 """
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from weights_conversion import torch_pickle
 from weights_conversion.errors import CheckpointError, UnsafeCheckpointError
 from weights_conversion.readers import read_json_object, read_sharded, read_state_dict
 
-REPO = __file__.rsplit("/tests/", 1)[0]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def refused(path, *fragments, error=CheckpointError):
