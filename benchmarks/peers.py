@@ -58,59 +58,48 @@ def _vocabulary_file():
 
 
 class Ours:
-    """kerasdiffusion through `StableDiffusion`'s own compiled text encoder, step function and decoder.
+    """kerasdiffusion: a pipeline `from_components` with SD 1.5-sized random networks (`random_model`).
 
-    Benchmark-only shortcut: the pipeline's components are injected (`_components`) instead of loaded
-    from a checkpoint, built from our SD 1.5 configs with Keras' random initializers.
-    `attention="whole"` sets `ScaledDotProductAttention.block_scores = 0` in this (worker) process: the
-    whole-matrix attention, to measure the blocked one against it.
+    `step()` calls the denoising core's compiled one-step program (`Denoiser.program`), the one the
+    pipeline runs per step. `attention="whole"` sets `ScaledDotProductAttention.block_scores = 0` in this
+    (worker) process: the whole-matrix attention, to measure the blocked one against it.
     """
 
     name = "kerasdiffusion"
 
     def __init__(self, size, steps, precision, xla, device, attention="blocked"):
-        import tensorflow as tf
-
         import kerasdiffusion as kd
         from kerasdiffusion import config as C
+        from kerasdiffusion.denoise import Conditioning, Denoiser, as_tensors
         from kerasdiffusion.layers import ScaledDotProductAttention
-        from kerasdiffusion.text_encoder import build_text_encoder
-        from kerasdiffusion.unet import build_unet
-        from kerasdiffusion.vae import build_decoder
+        from keras import ops
+        from random_model import random_components
 
         if attention == "whole":
             ScaledDotProductAttention.block_scores = 0
-        self.tf, self.steps, self.device = tf, steps, device
-        self.sd = kd.StableDiffusion(img_width=size, img_height=size, jit_compile=xla, precision=precision,
-                                     scheduler="ddim")
-        scheduler_config = kd.SchedulerConfig()
-        self.sd._components = dict(
-            text_encoder=build_text_encoder(C.SD1_TEXT_ENCODER, dtype=precision),
-            diffusion_model=build_unet(C.SD1_UNET, dtype=precision),
-            decoder=build_decoder(C.SD_VAE, dtype=precision),
-            tokenizer=kd.CLIPTokenizer(), family=C.SD1, vae_config=C.SD_VAE, scheduler_config=scheduler_config,
-        )
-        self.sd._scheduler = kd.get_scheduler("ddim", scheduler_config)
+        self.ops, self.steps, self.device = ops, steps, device
+        parts = random_components(precision)
+        self.sd = kd.StableDiffusion.from_components(parts, img_width=size, img_height=size, jit_compile=xla,
+                                                     scheduler="ddim", loop="steps")
         rng = np.random.default_rng(0)
         latent = size // 8
-        # The same argument types `_denoise` passes, so `end_to_end` reuses the step program compiled here.
         scheduler = self.sd.scheduler
-        self.plan = scheduler.plan(steps)
-        self.step_function = self.sd._step_function(scheduler, self.plan, "text", True)
-        self.latents = tf.constant(rng.standard_normal((1, latent, latent, 4)), tf.float32)
-        self.state = scheduler.initial_state(self.latents)
-        self.context = tf.constant(rng.standard_normal((2, 77, 768)), tf.float32)
-        self.guidance = tf.constant(GUIDANCE, tf.float32)
-        self.seeds = tf.constant([[0, 0]], tf.int32)
+        plan = scheduler.plan(steps)
+        conditioning = as_tensors(Conditioning(rng.standard_normal((1, 77, 768)).astype("float32"),
+                                               rng.standard_normal((1, 77, 768)).astype("float32"), GUIDANCE))
+        program = Denoiser(parts.diffusion_model, xla).program("steps", scheduler, plan, conditioning)
+        latents = ops.convert_to_tensor(rng.standard_normal((1, latent, latent, 4)).astype("float32"))
+        state = scheduler.initial_state(latents)
+        index = ops.convert_to_tensor(0, "int32")
+        self.step_call = lambda: program(latents, state, index, conditioning, None)
         self.decoder_latents = rng.standard_normal((1, latent, latent, 4)).astype("float32") * C.SD_VAE.scaling_factor
 
     def text_encoder(self):
-        return self.sd.encode_text(PROMPT).numpy()
+        return self.ops.convert_to_numpy(self.sd.encode_text(PROMPT))
 
     def step(self):
-        latents, _ = self.step_function(self.latents, self.state, self.tf.constant(0, self.tf.int32), self.context,
-                                        self.guidance, self.seeds, ())
-        return latents.numpy()
+        latents, _ = self.step_call()
+        return self.ops.convert_to_numpy(latents)
 
     def vae_decode(self):
         return self.sd._decode(self.decoder_latents)
@@ -119,13 +108,15 @@ class Ours:
         return self.sd.text_to_image(PROMPT, num_steps=self.steps, seed=0, verbose=False)
 
     def notes(self):
-        """How many times the step was traced: 1 when end_to_end reused the program `step` compiled."""
+        """How many times the pipeline's denoising program was traced (1 for the end-to-end runs)."""
         return {"step_traces": self.sd.trace_count}
 
     def gpu_peak_mb(self):
         if self.device != "gpu":
             return None
-        return self.tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+        import tensorflow as tf
+
+        return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
 
 
 class KerasCV:

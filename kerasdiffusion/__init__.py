@@ -1,4 +1,4 @@
-"""kerasdiffusion: Stable Diffusion in Keras 3 on TensorFlow, with an XLA-compiled denoising loop.
+"""kerasdiffusion: Stable Diffusion in Keras 3 on TensorFlow or JAX, with an XLA-compiled denoising loop.
 
 The public names are re-exported lazily (PEP 562), so that `python -m kerasdiffusion --help` and the
 command line's argument checks answer before TensorFlow is imported.
@@ -23,6 +23,8 @@ _load_order.prepare()
 __version__ = "0.1.0"
 _EXPORTS = {
     "StableDiffusion": "kerasdiffusion.pipeline",
+    "Components": "kerasdiffusion.components",
+    "load_components": "kerasdiffusion.components",
     "CLIPTokenizer": "kerasdiffusion.tokenizer",
     "SchedulerConfig": "kerasdiffusion.schedulers",
     "get_scheduler": "kerasdiffusion.schedulers",

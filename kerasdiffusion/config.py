@@ -88,6 +88,9 @@ class ModelFamily:
     unet: UNetConfig
     vae: VAEConfig
     pad_token: str = "<|endoftext|>"
+    # What the UNet predicts when the source has no scheduler config to say it: the single-file SD 2.x
+    # checkpoints people use are the 768x768 v-prediction ones.
+    prediction_type: str = "epsilon"
 
 
 SD1_TEXT_ENCODER = TextEncoderConfig()
@@ -99,7 +102,7 @@ SD2_UNET = UNetConfig(context_dim=1024, num_heads=None, head_dim=64, upcast_atte
 SD_VAE = VAEConfig()
 
 SD1 = ModelFamily("sd1", SD1_TEXT_ENCODER, SD1_UNET, SD_VAE)
-SD2 = ModelFamily("sd2", SD2_TEXT_ENCODER, SD2_UNET, SD_VAE, pad_token="!")
+SD2 = ModelFamily("sd2", SD2_TEXT_ENCODER, SD2_UNET, SD_VAE, pad_token="!", prediction_type="v_prediction")
 FAMILIES = {family.name: family for family in (SD1, SD2)}
 
 

@@ -64,6 +64,7 @@ def attention(q, k, v, num_heads, dtype, causal=False, upcast=False):
     return ScaledDotProductAttention(num_heads, causal=causal, upcast=upcast, dtype=dtype)([q, k, v])
 
 
+@keras.saving.register_keras_serializable(package="kerasdiffusion")
 class AddChannelBias(keras.layers.Layer):
     """``x [B, H, W, C] + bias [B, C]``: the time embedding added to every pixel."""
 
@@ -72,6 +73,7 @@ class AddChannelBias(keras.layers.Layer):
         return x + bias[:, None, None, :]
 
 
+@keras.saving.register_keras_serializable(package="kerasdiffusion")
 class UpsampleNearest(keras.layers.Layer):
     """Repeats every pixel twice along each axis, then crops to the reference tensor's height and width.
 
@@ -94,6 +96,7 @@ class UpsampleNearest(keras.layers.Layer):
         return (x[0], double(x[1]), double(x[2]), x[3])
 
 
+@keras.saving.register_keras_serializable(package="kerasdiffusion")
 class SpatialToTokens(keras.layers.Layer):
     """``[B, H, W, C] -> [B, H*W, C]``."""
 
@@ -105,6 +108,7 @@ class SpatialToTokens(keras.layers.Layer):
         return (s[0], None if None in (s[1], s[2]) else s[1] * s[2], s[3])
 
 
+@keras.saving.register_keras_serializable(package="kerasdiffusion")
 class TokensToSpatial(keras.layers.Layer):
     """``[B, H*W, C] -> [B, H, W, C]`` with the height and width of a reference tensor."""
 
@@ -118,6 +122,7 @@ class TokensToSpatial(keras.layers.Layer):
         return (x[0], like[1], like[2], x[2])
 
 
+@keras.saving.register_keras_serializable(package="kerasdiffusion")
 class ScaledDotProductAttention(keras.layers.Layer):
     """Multi-head ``softmax(q k^T / sqrt(d)) v`` over already projected ``[B, N, C]`` queries, keys, values.
 

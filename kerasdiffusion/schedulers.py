@@ -5,19 +5,21 @@ Every scheduler splits into two halves:
 - `plan(num_steps)` does all the bookkeeping once, in float64 numpy, from the betas of the
   training schedule: which timesteps the UNet sees, and every per-evaluation scalar the update
   needs. The result is a frozen `Plan` of float32 tables (hashed and compared by identity).
-- `scale_model_input`, `step` and `add_noise` are pure TensorFlow arithmetic that looks those
-  tables up with `tf.gather` at evaluation index `i`. They run eagerly, inside `tf.function` and
-  inside one XLA program where `i` is the counter of a `tf.while_loop`.
+- `scale_model_input`, `step` and `add_noise` are pure `keras.ops` arithmetic that looks those
+  tables up with `ops.take` at evaluation index `i`, on any Keras backend. They run eagerly, inside
+  one compiled program per step, and inside one program for the whole loop where `i` is the counter
+  of a `fori_loop`.
 
 With the Stable Diffusion v1 scheduler config each scheduler reproduces the timesteps and the
 updates of a diffusers class built `from_config` of it (see `SCHEDULER_NAMES`).
 """
 
+import copy
 import dataclasses
 import functools
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from kerasdiffusion.config import SCHEDULER_NAMES  # noqa: F401  (re-exported)
 
@@ -154,16 +156,16 @@ def _float32(**tables):
 
 
 # ----------------------------------------------------------------------------------------------
-# TensorFlow helpers shared by the steps.
+# Backend-neutral helpers shared by the steps.
 
 
 def _at(table, i):
     """table[i] as a float32 scalar tensor; `i` may be a Python int or a traced int32 tensor."""
-    return tf.gather(tf.constant(table, dtype=tf.float32), i)
+    return ops.take(ops.convert_to_tensor(table, "float32"), i, axis=0)
 
 
 def _f32(x):
-    return tf.cast(x, tf.float32)
+    return ops.cast(x, "float32")
 
 
 def _x0_and_eps_vp(model_output, sample, alpha_cumprod, prediction_type):
@@ -171,7 +173,7 @@ def _x0_and_eps_vp(model_output, sample, alpha_cumprod, prediction_type):
 
     v-prediction is v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0 (Salimans & Ho 2022, sec. 4).
     """
-    a, b = tf.sqrt(alpha_cumprod), tf.sqrt(1.0 - alpha_cumprod)
+    a, b = ops.sqrt(alpha_cumprod), ops.sqrt(1.0 - alpha_cumprod)
     if prediction_type == "v_prediction":
         return a * sample - b * model_output, a * model_output + b * sample
     return (sample - b * model_output) / a, model_output
@@ -184,7 +186,7 @@ def _x0_ve(model_output, sample, sigma, prediction_type):
     c_out = -σ / sqrt(σ² + 1).
     """
     if prediction_type == "v_prediction":
-        return model_output * (-sigma / tf.sqrt(sigma**2 + 1.0)) + sample / (sigma**2 + 1.0)
+        return model_output * (-sigma / ops.sqrt(sigma**2 + 1.0)) + sample / (sigma**2 + 1.0)
     return sample - sigma * model_output
 
 
@@ -196,13 +198,46 @@ class Scheduler:
     """Base class: table lookups shared by all samplers. Subclasses implement `_plan` and `step`."""
 
     name = None
+    # Whether `step` adds fresh noise (ancestral samplers): the pipeline then draws one tensor per step.
+    stochastic = False
 
-    def __init__(self, config=None):
-        self.config = config if config is not None else SchedulerConfig()
+    def __init__(self, config=None, *, prediction_type=None):
+        """`config`: the training schedule; `None` takes the checkpoint's when a pipeline uses it (see
+        `for_checkpoint`). `prediction_type` (`"epsilon"` / `"v_prediction"`) overrides the config's."""
+        self._config_given = config is not None
+        self._prediction_type = prediction_type
+        config = config if config is not None else SchedulerConfig()
+        self.config = config if prediction_type is None else dataclasses.replace(config, prediction_type=prediction_type)
         self.alphas_cumprod = alphas_cumprod(self.config)
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, prediction_type={self.config.prediction_type!r})"
+
+    @property
+    def key(self):
+        """What determines this scheduler's arithmetic: two schedulers with equal keys give the same programs."""
+        return (type(self).__qualname__, self.name, self.config)
+
+    def for_checkpoint(self, checkpoint_config):
+        """This sampler on a checkpoint's training schedule.
+
+        A scheduler made without a config takes the checkpoint's, prediction type included unless it was
+        given one itself; a scheduler made with a config keeps it.
+
+        Example:
+        >>> v_model = SchedulerConfig(prediction_type="v_prediction")
+        >>> DDIM().for_checkpoint(v_model).config.prediction_type
+        'v_prediction'
+        """
+        if self._config_given:
+            return self
+        bound = copy.copy(self)
+        bound._config_given = True
+        bound.config = dataclasses.replace(
+            checkpoint_config, prediction_type=self._prediction_type or checkpoint_config.prediction_type
+        )
+        bound.alphas_cumprod = alphas_cumprod(bound.config)
+        return bound
 
     def plan(self, num_steps):
         """Precomputes the timesteps and tables for `num_steps` denoising steps.
@@ -242,7 +277,7 @@ class Scheduler:
         >>> scheduler = get_scheduler("ddim")
         >>> plan = scheduler.plan(50)
         >>> start = scheduler.start_index(plan, strength=0.8)
-        >>> latents = scheduler.add_noise(plan, image_latents, tf.random.normal(image_latents.shape), start)
+        >>> latents = scheduler.add_noise(plan, image_latents, np.random.standard_normal(image_latents.shape), start)
         """
         return _at(plan.clean_scale, i) * _f32(original) + _at(plan.noise_scale, i) * _f32(noise)
 
@@ -293,9 +328,9 @@ class DDIM(Scheduler):
         # 2. Predicted x0 ("predicted x_0" of eq. (12), Song et al. 2020) and noise.
         x0, eps = _x0_and_eps_vp(model_output, sample, alpha, self.config.prediction_type)
         if self.config.clip_sample:
-            x0 = tf.clip_by_value(x0, -1.0, 1.0)
+            x0 = ops.clip(x0, -1.0, 1.0)
         # 3. Eq. (12) with σ_t = 0: sqrt(ᾱ_{t-Δ}) x̂0 + sqrt(1 - ᾱ_{t-Δ}) ε̂ ("direction pointing to x_t").
-        return tf.sqrt(alpha_prev) * x0 + tf.sqrt(1.0 - alpha_prev) * eps, state
+        return ops.sqrt(alpha_prev) * x0 + ops.sqrt(1.0 - alpha_prev) * eps, state
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -354,33 +389,33 @@ class PNDM(Scheduler):
         )
 
     def initial_state(self, sample):
-        zeros = tf.zeros_like(_f32(sample))
+        zeros = ops.zeros_like(_f32(sample))
         # (ε_1, ε_2, ε_3, sample at the start of the run, steps taken in this run)
-        return (zeros, zeros, zeros, zeros, tf.constant(0, tf.int32))
+        return (zeros, zeros, zeros, zeros, ops.convert_to_tensor(0, "int32"))
 
     def step(self, plan, i, model_output, sample, state, noise=None):
         sample, model_output = _f32(sample), _f32(model_output)
         eps_1, eps_2, eps_3, first_sample, count = state
-        heun = tf.equal(count, 1)
+        heun = ops.equal(count, 1)
         # 1. Combine the current output with the stored ones (linear multistep, Algorithm 2).
-        w = tf.gather(tf.constant(_PLMS_WEIGHTS, tf.float32), tf.minimum(count, len(_PLMS_WEIGHTS) - 1))
+        w = ops.take(ops.convert_to_tensor(_PLMS_WEIGHTS, "float32"), ops.minimum(count, len(_PLMS_WEIGHTS) - 1), axis=0)
         combined = w[0] * model_output + w[1] * eps_1 + w[2] * eps_2 + w[3] * eps_3
         # 2. The Heun step restarts from the run's first sample, over the first interval.
-        x = tf.where(heun, first_sample, sample)
-        alpha = tf.where(heun, _at(plan.heun_alpha_cumprod, i), _at(plan.alpha_cumprod, i))
-        alpha_prev = tf.where(heun, _at(plan.heun_alpha_cumprod_prev, i), _at(plan.alpha_cumprod_prev, i))
+        x = ops.where(heun, first_sample, sample)
+        alpha = ops.where(heun, _at(plan.heun_alpha_cumprod, i), _at(plan.alpha_cumprod, i))
+        alpha_prev = ops.where(heun, _at(plan.heun_alpha_cumprod_prev, i), _at(plan.alpha_cumprod_prev, i))
         # 3. A v-prediction becomes a noise prediction at this step's (x, ᾱ_t).
         _, eps = _x0_and_eps_vp(combined, x, alpha, self.config.prediction_type)
         # 4. Transfer x_t -> x_{t-Δ}, eq. (9) of Liu et al. 2022.
-        denominator = alpha * tf.sqrt(1.0 - alpha_prev) + tf.sqrt(alpha * (1.0 - alpha) * alpha_prev)
-        prev_sample = tf.sqrt(alpha_prev / alpha) * x - (alpha_prev - alpha) * eps / denominator
+        denominator = alpha * ops.sqrt(1.0 - alpha_prev) + ops.sqrt(alpha * (1.0 - alpha) * alpha_prev)
+        prev_sample = ops.sqrt(alpha_prev / alpha) * x - (alpha_prev - alpha) * eps / denominator
         # 5. The Heun evaluation is not stored: it only corrects the first step.
         eps_1, eps_2, eps_3 = (
-            tf.where(heun, eps_1, model_output),
-            tf.where(heun, eps_2, eps_1),
-            tf.where(heun, eps_3, eps_2),
+            ops.where(heun, eps_1, model_output),
+            ops.where(heun, eps_2, eps_1),
+            ops.where(heun, eps_3, eps_2),
         )
-        first_sample = tf.where(tf.equal(count, 0), sample, first_sample)
+        first_sample = ops.where(ops.equal(count, 0), sample, first_sample)
         return prev_sample, (eps_1, eps_2, eps_3, first_sample, count + 1)
 
 
@@ -433,7 +468,7 @@ class LMS(_SigmaScheduler):
         return _sigma_plan(LMSPlan, num_steps, timesteps, sigmas, lms_coeffs=coeffs)
 
     def initial_state(self, sample):
-        zeros = tf.zeros_like(_f32(sample))
+        zeros = ops.zeros_like(_f32(sample))
         return (zeros, zeros, zeros)  # the last three derivatives, newest first
 
     def step(self, plan, i, model_output, sample, state, noise=None):
@@ -442,9 +477,9 @@ class LMS(_SigmaScheduler):
         sigma = _at(plan.sigmas, i)
         derivative = (sample - _x0_ve(model_output, sample, sigma, self.config.prediction_type)) / sigma
         # 2. x_{i+1} = x_i + Σ_j c_ij d_{i-j}; a run starts with no history, so missing terms are zero.
-        c = tf.gather(tf.constant(plan.lms_coeffs), i)
+        c = ops.take(ops.convert_to_tensor(plan.lms_coeffs, "float32"), i, axis=0)
         history = (derivative,) + tuple(state)
-        prev_sample = sample + tf.add_n([c[j] * d for j, d in enumerate(history)])
+        prev_sample = sample + sum(c[j] * d for j, d in enumerate(history))
         return prev_sample, history[:3]
 
 
@@ -476,6 +511,7 @@ class EulerAncestral(_SigmaScheduler):
     """Euler steps with fresh noise at each step, as diffusers' EulerAncestralDiscreteScheduler."""
 
     name = "euler_ancestral"
+    stochastic = True
 
     def _plan(self, num_steps):
         timesteps, sigmas = self._timesteps_and_sigmas(num_steps)
@@ -514,8 +550,8 @@ class DPMSolverPP2M(Scheduler):
     The first step of a run and the last step (to σ = 0) are first order (DDIM).
     """
 
-    def __init__(self, config=None, karras=False):
-        super().__init__(config)
+    def __init__(self, config=None, karras=False, *, prediction_type=None):
+        super().__init__(config, prediction_type=prediction_type)
         self.karras = karras
         self.name = "dpmpp_2m_karras" if karras else "dpmpp_2m"
 
@@ -557,7 +593,7 @@ class DPMSolverPP2M(Scheduler):
 
     def initial_state(self, sample):
         # (previous data prediction x̂0, steps taken in this run)
-        return (tf.zeros_like(_f32(sample)), tf.constant(0, tf.int32))
+        return (ops.zeros_like(_f32(sample)), ops.convert_to_tensor(0, "int32"))
 
     def step(self, plan, i, model_output, sample, state, noise=None):
         sample, model_output = _f32(sample), _f32(model_output)
@@ -569,7 +605,7 @@ class DPMSolverPP2M(Scheduler):
         else:
             x0 = (sample - sigma * model_output) / alpha
         # 2. D = (1 + 1/(2r)) x̂0_i - 1/(2r) x̂0_{i-1}, first order when the run has no history yet.
-        correction = tf.where(count > 0, _at(plan.correction, i), 0.0)
+        correction = ops.where(ops.greater(count, 0), _at(plan.correction, i), 0.0)
         data = x0 + correction * (x0 - previous_x0)
         # 3. x_t = (σ_t / σ_s) x_s - α_t (e^{-h} - 1) D, Algorithm 2 (DPM-Solver++(2M)) of Lu et al. 2022b.
         prev_sample = _at(plan.sample_coeff, i) * sample + _at(plan.data_coeff, i) * data
@@ -589,6 +625,8 @@ _SCHEDULERS = {
 
 def get_scheduler(name_or_scheduler, config=None):
     """Returns a scheduler from its name (see `SCHEDULER_NAMES`); a `Scheduler` is returned as is.
+
+    Without a `config`, a named scheduler takes a checkpoint's config when a pipeline uses it.
 
     Example:
     >>> scheduler = get_scheduler("dpmpp_2m_karras", SchedulerConfig(prediction_type="v_prediction"))

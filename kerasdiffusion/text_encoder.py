@@ -19,6 +19,7 @@ from keras import ops
 from kerasdiffusion.layers import attention, dense, layer_norm
 
 
+@keras.saving.register_keras_serializable(package="kerasdiffusion")
 class PositionEmbedding(keras.layers.Layer):
     """Adds a learned embedding per position to ``[B, N, D]`` tokens (N up to ``max_length``)."""
 

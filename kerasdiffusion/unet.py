@@ -24,6 +24,7 @@ from keras import ops
 from kerasdiffusion import layers as L
 
 
+@keras.saving.register_keras_serializable(package="kerasdiffusion")
 class TimestepEmbedding(keras.layers.Layer):
     """Sinusoidal embedding of (possibly fractional) timesteps, cosines first (DDPM, Ho et al. 2020)."""
 

@@ -62,6 +62,22 @@ def build_image_encoder(config, dtype=None, name="image_encoder"):
     return keras.Model(images, moments, name=name)
 
 
+def split_weights(weights):
+    """Converted VAE weights -> (encoder's, decoder's): ``encoder_*`` and ``quant_conv`` go to the encoder.
+
+    Example:
+    >>> encoder, decoder = split_weights({"quant_conv/bias": 0, "encoder_input_conv/bias": 0, "post_quant_conv/bias": 0})
+    >>> sorted(encoder), sorted(decoder)
+    (['encoder_input_conv/bias', 'quant_conv/bias'], ['post_quant_conv/bias'])
+    """
+    def encoder_part(path):
+        return path.startswith(("encoder_", "quant_conv/"))
+
+    encoder = {path: array for path, array in weights.items() if encoder_part(path)}
+    decoder = {path: array for path, array in weights.items() if not encoder_part(path)}
+    return encoder, decoder
+
+
 def build_decoder(config, dtype=None, name="decoder"):
     """Builds the decoder: latents ``[B, h, w, 4]`` (already unscaled) -> images ``[B, 8h, 8w, 3]`` in about [-1, 1]."""
     latents = keras.Input((None, None, config.latent_channels), name="latents")

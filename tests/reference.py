@@ -4,8 +4,14 @@ Every parameter is drawn anew, norm scales and biases included, so that a wrong 
 gamma/beta, a transposed kernel, q and k exchanged) changes the outputs and cannot hide.
 """
 
+import kerasdiffusion  # noqa: F401,I001  (first: it loads Triton's library before TensorFlow, see load_order)
+import keras
 import numpy as np
 import torch
+
+# The tests' `jit_compile`: without XLA, TensorFlow still builds a graph (quick to make and to run at tiny
+# sizes) while JAX runs op by op, slowly; so the tiny models compile with XLA on JAX only.
+JIT = keras.backend.backend() == "jax"
 
 TINY_UNET = dict(
     sample_size=8,
@@ -38,6 +44,30 @@ TINY_TEXT_ENCODER = dict(
     max_position_embeddings=77,
     hidden_act="quick_gelu",
 )
+
+
+def diffusers_scheduler_class(name):
+    """The diffusers scheduler class our scheduler `name` reproduces, and the extra keywords it needs.
+
+    The one table of this correspondence in the tests (the README's scheduler list says the same in words).
+    """
+    import diffusers as D
+
+    return {
+        "ddim": (D.DDIMScheduler, {}),
+        "pndm": (D.PNDMScheduler, {}),
+        "lms": (D.LMSDiscreteScheduler, {}),
+        "euler": (D.EulerDiscreteScheduler, {}),
+        "euler_ancestral": (D.EulerAncestralDiscreteScheduler, {}),
+        "dpmpp_2m": (D.DPMSolverMultistepScheduler, {}),
+        "dpmpp_2m_karras": (D.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    }[name]
+
+
+def diffusers_scheduler(name, config, **overrides):
+    """The diffusers scheduler `name` stands for, built `from_config` of `config` (a dict)."""
+    cls, extra = diffusers_scheduler_class(name)
+    return cls.from_config(config, **extra, **overrides)
 
 
 def randomize(module, seed):

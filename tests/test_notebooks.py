@@ -87,11 +87,14 @@ def tiny_parameters(name, models):
 
 @pytest.fixture
 def kernel_env(monkeypatch):
-    """The kernel imports this checkout (so the install cell has nothing to do) and never reaches the Hub."""
+    """The kernel imports this checkout (so the install cell has nothing to do), never reaches the Hub, and
+    runs on this test run's Keras backend."""
+    import keras
+
     path = os.environ.get("PYTHONPATH")
     monkeypatch.setenv("PYTHONPATH", str(REPO) + (os.pathsep + path if path else ""))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    monkeypatch.setenv("KERAS_BACKEND", keras.backend.backend())
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
 
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from kerasdiffusion import StableDiffusion
-from kerasdiffusion import pipeline as P
+import kerasdiffusion as kd
+from kerasdiffusion import StableDiffusion, seeds
+from kerasdiffusion.config import SCHEDULER_NAMES
 from tests import reference as R
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -23,24 +24,27 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd(reference):
-    return StableDiffusion.from_pretrained(reference[1], img_width=SIZE, img_height=SIZE, jit_compile=False,
+    return StableDiffusion.from_pretrained(reference[1], img_width=SIZE, img_height=SIZE, jit_compile=R.JIT,
                                            precision="float32")
 
 
 def diffusers_scheduler(name, config=R.SD15_SCHEDULER):
     """The diffusers scheduler `name` stands for, from the SD 1.5 config (never from a previous test's)."""
-    import diffusers as D
+    return R.diffusers_scheduler(name, config)
 
-    classes = {
-        "ddim": (D.DDIMScheduler, {}),
-        "pndm": (D.PNDMScheduler, {}),
-        "lms": (D.LMSDiscreteScheduler, {}),
-        "euler": (D.EulerDiscreteScheduler, {}),
-        "dpmpp_2m": (D.DPMSolverMultistepScheduler, {}),
-        "dpmpp_2m_karras": (D.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    }
-    cls, extra = classes[name]
-    return cls.from_config(config, **extra)
+
+@pytest.fixture
+def same_step_noise(monkeypatch):
+    """Feeds diffusers' Euler ancestral sampler the per-step noise our seeds give (item b, evaluation i:
+    `seeds.item_normal(seed, b, i + 1, ...)`), so that the stochastic sampler can be compared too."""
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as module
+
+    def feed(seed, batch_size, num_evaluations):
+        noises = seeds.step_normals(seed, range(batch_size), num_evaluations, (SIZE // 8, SIZE // 8, 4))
+        draws = iter(R.nchw(noise) for noise in noises)
+        monkeypatch.setattr(module, "randn_tensor", lambda *args, **kwargs: next(draws))
+
+    return feed
 
 
 def reference_images(pipeline, **kwargs):
@@ -53,17 +57,18 @@ def pixel_differences(ours, expected):
     return float(difference.mean()), float(np.percentile(difference, 99.9))
 
 
-@pytest.mark.parametrize("name", ["ddim", "pndm", "lms", "euler", "dpmpp_2m", "dpmpp_2m_karras"])
-def test_generate_image_matches_diffusers(reference, sd, name, record_property):
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_generate_image_matches_diffusers(reference, sd, name, record_property, same_step_noise):
     pipeline, _ = reference
     pipeline.scheduler = diffusers_scheduler(name)
     noise = np.random.default_rng(7).standard_normal((2, SIZE // 8, SIZE // 8, 4)).astype("float32")
+    same_step_noise(seed=21, batch_size=2, num_evaluations=10)
     expected = reference_images(pipeline, prompt=[PROMPT] * 2, negative_prompt=[NEGATIVE] * 2,
                                 latents=R.nchw(noise), num_inference_steps=10, guidance_scale=7.5,
                                 height=SIZE, width=SIZE)
     sd.scheduler = name
     ours = sd.generate_image(sd.encode_text(PROMPT), negative_prompt=NEGATIVE, batch_size=2, num_steps=10,
-                             diffusion_noise=noise, verbose=False)
+                             diffusion_noise=noise, seed=21, verbose=False)
     assert ours.shape == (2, SIZE, SIZE, 3) and ours.dtype == np.uint8
     assert expected.std() > 20, "the reference image is too flat for the comparison to mean anything"
     mean, p999 = pixel_differences(ours, expected)
@@ -88,10 +93,10 @@ def test_sd2_v_prediction_pipeline_matches_diffusers(sd2_reference, name):
     from kerasdiffusion import config as C
 
     pipeline, folder = sd2_reference
-    sd = StableDiffusion.from_pretrained(folder, img_width=SIZE, img_height=SIZE, jit_compile=False,
+    sd = StableDiffusion.from_pretrained(folder, img_width=SIZE, img_height=SIZE, jit_compile=R.JIT,
                                          precision="float32", scheduler=name)
-    components = sd._load()
-    assert components["family"] is C.SD2 and components["scheduler_config"].prediction_type == "v_prediction"
+    components = sd.components
+    assert components.family is C.SD2 and components.scheduler_config.prediction_type == "v_prediction"
     assert sd.tokenizer(["a cat"])[0, -1] == pipeline.tokenizer.pad_token_id == 0  # "!"
     pipeline.scheduler = diffusers_scheduler(name, R.SD2_SCHEDULER)
     noise = np.random.default_rng(12).standard_normal((2, SIZE // 8, SIZE // 8, 4)).astype("float32")
@@ -107,7 +112,8 @@ def test_sd2_v_prediction_pipeline_matches_diffusers(sd2_reference, name):
     assert mean <= 1.0 and p999 <= 8
 
 
-def test_inpainting_checkpoint_matches_diffusers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("loop", ["steps", "compiled"])
+def test_inpainting_checkpoint_matches_diffusers(tmp_path, monkeypatch, loop):
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from PIL import Image
 
@@ -115,8 +121,8 @@ def test_inpainting_checkpoint_matches_diffusers(tmp_path, monkeypatch):
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
     pipeline = R.make_reference_pipeline(unet_in_channels=9, seed=3)
     pipeline.save_pretrained(tmp_path / "inpaint")
-    sd = StableDiffusion.from_pretrained(tmp_path / "inpaint", img_width=SIZE, img_height=SIZE, jit_compile=False,
-                                         precision="float32", scheduler="ddim")
+    sd = StableDiffusion.from_pretrained(tmp_path / "inpaint", img_width=SIZE, img_height=SIZE, jit_compile=R.JIT,
+                                         precision="float32", scheduler="ddim", loop=loop)
     assert sd.diffusion_model.inputs[0].shape[-1] == 9
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
@@ -126,8 +132,7 @@ def test_inpainting_checkpoint_matches_diffusers(tmp_path, monkeypatch):
     pipeline.scheduler = diffusers_scheduler("ddim")
     expected = reference_images(pipeline, prompt=PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
                                 latents=R.nchw(noise), num_inference_steps=10, height=SIZE, width=SIZE)
-    monkeypatch.setattr(P.StableDiffusion, "_initial_noise", lambda self, d, shape, seed: noise)
-    ours = sd.inpaint(PROMPT, image, mask, num_steps=10, verbose=False)
+    ours = sd.inpaint(PROMPT, image, mask, num_steps=10, diffusion_noise=noise, verbose=False)
     mean, p999 = pixel_differences(ours, expected)
     print(f"inpaint 9-channel: mean abs {mean:.3f}, 99.9th percentile {p999:.1f}")
     assert mean <= 1.0 and p999 <= 8
@@ -135,14 +140,14 @@ def test_inpainting_checkpoint_matches_diffusers(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fixed_noise(monkeypatch):
-    """The same initial noise for diffusers and us, and the VAE posterior's mean on both sides."""
+    """The same initial noise for diffusers (ours gets it as `diffusion_noise`), and the VAE posterior's mean
+    on both sides."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img_module
 
     noise = np.random.default_rng(4).standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype("float32")
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
     monkeypatch.setattr(img2img_module, "randn_tensor", lambda shape, **kwargs: R.nchw(noise))
-    monkeypatch.setattr(P.StableDiffusion, "_initial_noise", lambda self, d, shape, seed: noise)
     return noise
 
 
@@ -158,7 +163,7 @@ def test_image_to_image_matches_diffusers(reference, sd, fixed_noise, name):
     expected = reference_images(pipeline, prompt=PROMPT, image=Image.fromarray(image), strength=0.6,
                                 num_inference_steps=10)
     sd.scheduler = name
-    ours = sd.image_to_image(PROMPT, image, strength=0.6, num_steps=10, verbose=False)
+    ours = sd.image_to_image(PROMPT, image, strength=0.6, num_steps=10, diffusion_noise=fixed_noise, verbose=False)
     mean, p999 = pixel_differences(ours, expected)
     print(f"image_to_image {name}: mean abs {mean:.3f}, 99.9th percentile {p999:.1f}")
     assert mean <= 1.0 and p999 <= 8
@@ -179,7 +184,7 @@ def test_legacy_inpaint_matches_diffusers(reference, sd, fixed_noise):
                                 mask_image=Image.fromarray(mask), latents=R.nchw(fixed_noise),
                                 num_inference_steps=10, height=SIZE, width=SIZE)
     sd.scheduler = "ddim"
-    ours = sd.inpaint(PROMPT, image, mask, num_steps=10, verbose=False)
+    ours = sd.inpaint(PROMPT, image, mask, num_steps=10, diffusion_noise=fixed_noise, verbose=False)
     mean, p999 = pixel_differences(ours, expected)
     print(f"inpaint 4-channel: mean abs {mean:.3f}, 99.9th percentile {p999:.1f}")
     assert mean <= 1.0 and p999 <= 8
@@ -211,6 +216,62 @@ def test_xla_matches_plain_and_compiles_once(reference, sd):
     assert mean <= 0.5
 
 
+def test_programs_are_kept_by_value(reference, sd):
+    """Going back to a sampler used before (by name or by an equal object) reuses its program."""
+    xla = StableDiffusion.from_components(sd.components, img_width=SIZE, img_height=SIZE, jit_compile=True,
+                                          scheduler="dpmpp_2m")
+    kwargs = dict(num_steps=3, seed=2, verbose=False)
+    first = xla.text_to_image(PROMPT, **kwargs)
+    xla.scheduler = "euler"
+    xla.text_to_image(PROMPT, **kwargs)
+    assert xla.trace_count == 2
+    xla.scheduler = "dpmpp_2m"
+    np.testing.assert_array_equal(xla.text_to_image(PROMPT, **kwargs), first)
+    xla.scheduler = kd.get_scheduler("dpmpp_2m")
+    xla.text_to_image(PROMPT, **kwargs)
+    assert xla.trace_count == 2
+
+
+@pytest.mark.parametrize("name", ["ddim", "pndm", "euler_ancestral", "dpmpp_2m"])
+def test_compiled_loop_gives_the_images_of_the_steps_loop(sd, name):
+    """The whole loop in one program: text to image, image to image (a run that starts mid-way) and
+    inpainting with an ordinary UNet, against one program per step."""
+    loops = {loop: StableDiffusion.from_components(sd.components, img_width=SIZE, img_height=SIZE, jit_compile=True,
+                                                   scheduler=name, loop=loop) for loop in ("steps", "compiled")}
+    image = np.random.default_rng(8).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, 24:] = 1
+    calls = {
+        "text_to_image": lambda p: p.text_to_image(PROMPT, batch_size=2, num_steps=4, seed=3, verbose=False),
+        "image_to_image": lambda p: p.image_to_image(PROMPT, image, strength=0.5, num_steps=6, seed=4, verbose=False),
+        "inpaint": lambda p: p.inpaint(PROMPT, image, mask, num_steps=4, seed=5, verbose=False),
+    }
+    for what, call in calls.items():
+        steps, compiled = call(loops["steps"]), call(loops["compiled"])
+        worst = np.abs(steps.astype(int) - compiled.astype(int)).max()
+        print(f"{name} {what}: steps against compiled loop, max difference {worst} of 255")
+        assert worst <= 1, what
+
+
+def test_from_components_and_components_that_disagree(sd):
+    import dataclasses
+
+    from kerasdiffusion.config import TextEncoderConfig
+    from kerasdiffusion.text_encoder import build_text_encoder
+
+    parts = sd.components
+    assert isinstance(parts, kd.Components)
+    other = StableDiffusion.from_components(parts, img_width=SIZE, img_height=SIZE, jit_compile=R.JIT)
+    assert other.diffusion_model is sd.diffusion_model and other.scheduler.config == parts.scheduler_config
+    narrow = build_text_encoder(TextEncoderConfig(width=32, num_layers=1, num_heads=1, mlp_dim=64))
+    with pytest.raises(ValueError, match="attends to a 64-wide context but the text encoder gives 32"):
+        dataclasses.replace(parts, text_encoder=narrow)
+    with pytest.raises(ValueError, match="decoder"):
+        dataclasses.replace(parts, decoder=parts.image_encoder)
+    with pytest.raises(TypeError, match="Components"):
+        StableDiffusion.from_components({"diffusion_model": parts.diffusion_model})
+
+
 def test_image_to_image_and_legacy_inpaint_run(sd):
     sd.scheduler = "ddim"
     image = np.random.default_rng(2).integers(0, 256, (SIZE, SIZE + 16, 3), dtype=np.uint8)
@@ -240,6 +301,10 @@ def test_bad_input_is_named(sd, call, message):
 
 
 def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="loop must be one of steps, compiled or None, got 'fast'"):
+        StableDiffusion(loop="fast")
+    with pytest.raises(NotImplementedError, match="distribution"):
+        StableDiffusion(distribution=object())
     with pytest.raises(ValueError, match="multiple of 8"):
         StableDiffusion(img_width=500)
     with pytest.raises(ValueError, match="nonsense"):

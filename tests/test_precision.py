@@ -16,7 +16,7 @@ def folder(tmp_path_factory):
 
 
 def generate(folder, precision):
-    sd = StableDiffusion.from_pretrained(folder, img_width=64, img_height=64, jit_compile=False, precision=precision,
+    sd = StableDiffusion.from_pretrained(folder, img_width=64, img_height=64, jit_compile=R.JIT, precision=precision,
                                          scheduler="dpmpp_2m")
     noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype("float32")
     images = sd.generate_image(sd.encode_text("a cat"), batch_size=2, num_steps=10, diffusion_noise=noise,

@@ -196,6 +196,57 @@ def test_thousands_of_placeholder_classes_are_refused(tmp_path):
     refused(path, "more than 256 classes")
 
 
+# --------------------------------------------------------------------------------- whole objects (embeddings)
+
+
+def _tree_file(tmp_path, obj, storages=None):
+    path = tmp_path / "embedding.pt"
+    path.write_bytes(H.torch_zip(H.torch_pickle(obj), storages or {}))
+    return path
+
+
+def test_whole_object_read_keeps_nesting_and_checks_each_tensor(tmp_path):
+    tensor = H.Tensor(H.Storage("0", 4), 0, (2, 2), (2, 1))
+    path = _tree_file(tmp_path, {"p": [tensor, (1, "x")], "n": None}, {"0": np.arange(4, dtype="<f4").tobytes()})
+    tree = torch_pickle.read_torch_pickle_tree(path)
+    np.testing.assert_array_equal(tree["p"][0], [[0, 1], [2, 3]])
+    assert tree["p"][1] == (1, "x") and tree["n"] is None
+    path = _tree_file(tmp_path, {"p": {"*": H.Tensor(H.Storage("0", 4), 0, (2, 4), (4, 1))}},
+                      {"0": np.arange(4, dtype="<f4").tobytes()})
+    with pytest.raises(CheckpointError, match=r"tensor object\['p'\]\['\*'\]"):
+        torch_pickle.read_torch_pickle_tree(path)
+
+
+def test_whole_object_that_holds_itself_is_refused(tmp_path):
+    loop = []
+    loop.append(loop)
+    with pytest.raises(CheckpointError, match="holds itself"):
+        torch_pickle.read_torch_pickle_tree(_tree_file(tmp_path, {"a": loop}))
+
+
+def test_whole_object_nested_too_deep_is_refused(tmp_path):
+    deep = []
+    for _ in range(200):
+        deep = [deep]
+    with pytest.raises(CheckpointError, match="nested more than 32"):
+        torch_pickle.read_torch_pickle_tree(_tree_file(tmp_path, deep))
+
+
+def test_whole_object_shared_containers_are_rebuilt_once(tmp_path):
+    """Thirty lists each holding the one before twice: 2**30 paths, 30 containers; read at once."""
+    shared = [1]
+    for _ in range(30):
+        shared = [shared, shared]
+    tree = torch_pickle.read_torch_pickle_tree(_tree_file(tmp_path, shared))
+    assert tree[0] is tree[1]
+
+
+def test_whole_object_cannot_hand_over_our_functions_or_storages(tmp_path):
+    for obj in ({"f": torch._utils._rebuild_tensor_v2}, {"s": H.Storage("0", 1)}, {torch.FloatStorage: 1}):
+        with pytest.raises(CheckpointError, match="outside a tensor|not plain data"):
+            torch_pickle.read_torch_pickle_tree(_tree_file(tmp_path, obj, {"0": b"\0" * 4}))
+
+
 # --------------------------------------------------------------------------------------- JSON and shard indexes
 
 

@@ -9,14 +9,16 @@ import types
 
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers.schedulers import scheduling_euler_ancestral_discrete  # noqa: E402
 
+from kerasdiffusion import backend  # noqa: E402
 from kerasdiffusion.schedulers import SCHEDULER_NAMES, Scheduler, SchedulerConfig, get_scheduler  # noqa: E402
+from tests import reference as R  # noqa: E402
 
 SD15_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",
@@ -31,22 +33,12 @@ SD15_SCHEDULER_CONFIG = {
     "trained_betas": None,
 }
 
-REFERENCE = {
-    "ddim": (diffusers.DDIMScheduler, {}),
-    "pndm": (diffusers.PNDMScheduler, {}),
-    "lms": (diffusers.LMSDiscreteScheduler, {}),
-    "euler": (diffusers.EulerDiscreteScheduler, {}),
-    "euler_ancestral": (diffusers.EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 SHAPE_NCHW = (2, 4, 8, 8)
 
 
 def reference_scheduler(name, prediction_type, num_steps):
-    cls, extra = REFERENCE[name]
-    scheduler = cls.from_config(SD15_SCHEDULER_CONFIG, prediction_type=prediction_type, **extra)
+    scheduler = R.diffusers_scheduler(name, SD15_SCHEDULER_CONFIG, prediction_type=prediction_type)
     scheduler.set_timesteps(num_steps)
     return scheduler
 
@@ -67,8 +59,8 @@ def fake_unet_torch(x, t):
     return 0.3 * torch.tanh(x) + 0.1 * math.sin(float(t) / 100.0)
 
 
-def fake_unet_tf(x, t):
-    return 0.3 * tf.tanh(x) + 0.1 * tf.sin(tf.cast(t, tf.float32) / 100.0)
+def fake_unet_ours(x, t):
+    return 0.3 * ops.tanh(x) + 0.1 * ops.sin(ops.cast(t, "float32") / 100.0)
 
 
 def draw(seed, count):
@@ -95,9 +87,9 @@ def run_ours(scheduler, plan, latents, noises, start=0):
     history = []
     for i in range(start, len(plan.timesteps)):
         model_input = scheduler.scale_model_input(plan, i, latents)
-        model_output = fake_unet_tf(model_input, plan.timesteps[i])
+        model_output = fake_unet_ours(model_input, plan.timesteps[i])
         latents, state = scheduler.step(plan, i, model_output, latents, state, noises[i])
-        history.append(latents.numpy())
+        history.append(ops.convert_to_numpy(latents))
     return history
 
 
@@ -127,7 +119,7 @@ def test_denoising_loop_matches_diffusers(name, prediction_type, num_steps, monk
     latents, noises = noise[0], noise[1:]
     expected = run_reference(reference, latents * float(reference.init_noise_sigma), reference.timesteps, noises,
                              monkeypatch)
-    actual = run_ours(scheduler, plan, tf.constant(latents) * plan.init_noise_sigma, noises)
+    actual = run_ours(scheduler, plan, ops.convert_to_tensor(latents) * plan.init_noise_sigma, noises)
     assert len(actual) == len(expected)
     for k, (ours, theirs) in enumerate(zip(actual, expected)):
         assert_close(ours, theirs, f"{name}/{prediction_type}/{num_steps} steps, evaluation {k}")
@@ -179,8 +171,9 @@ def test_add_noise_matches_diffusers(name):
             torch.from_numpy(nhwc_to_nchw(noise).copy()),
             reference.timesteps[i : i + 1],
         )
-        actual = scheduler.add_noise(plan, tf.constant(original), tf.constant(noise), tf.constant(i))
-        assert actual.dtype == tf.float32
+        actual = scheduler.add_noise(plan, ops.convert_to_tensor(original), ops.convert_to_tensor(noise),
+                                     ops.convert_to_tensor(i, "int32"))
+        assert ops.dtype(actual) == "float32"
         assert_close(actual, nchw_to_nhwc(expected.numpy()), f"{name} add_noise at {i}")
 
 
@@ -196,21 +189,22 @@ def test_start_index_matches_img2img_get_timesteps(name, num_steps):
 
 
 def compiled_loop(scheduler, plan):
-    """The whole loop as one XLA program, `i` a traced while-loop counter."""
-    timesteps = tf.constant(plan.timesteps)
+    """The whole loop as one XLA program, `i` a traced `fori_loop` counter."""
 
-    @tf.function(jit_compile=True)
     def loop(latents, noises, start):
-        def body(i, x, state):
-            model_output = fake_unet_tf(scheduler.scale_model_input(plan, i, x), tf.gather(timesteps, i))
-            x, state = scheduler.step(plan, i, model_output, x, state, tf.gather(noises, i))
-            return i + 1, x, state
+        timesteps = ops.convert_to_tensor(plan.timesteps)
+
+        def body(i, carry):
+            x, state = carry
+            t = ops.take(timesteps, i, axis=0)
+            model_output = fake_unet_ours(scheduler.scale_model_input(plan, i, x), t)
+            return scheduler.step(plan, i, model_output, x, state, ops.take(noises, i, axis=0))
 
         state = scheduler.initial_state(latents)
-        _, latents, _ = tf.while_loop(lambda i, x, s: i < len(plan.timesteps), body, (start, latents, state))
+        latents, _ = ops.fori_loop(start, len(plan.timesteps), body, (latents, state))
         return latents
 
-    return loop
+    return backend.compile_function(loop, [], jit_compile=True)
 
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
@@ -218,12 +212,13 @@ def test_xla_while_loop_matches_eager(name):
     scheduler = our_scheduler(name, "v_prediction" if name in ("pndm", "dpmpp_2m") else "epsilon")
     plan = scheduler.plan(6)
     noise = draw(seed=11, count=len(plan.timesteps) + 1)
-    latents, noises = tf.constant(noise[0]) * plan.init_noise_sigma, tf.constant(noise[1:])
+    latents, noises = ops.convert_to_tensor(noise[0]) * plan.init_noise_sigma, ops.convert_to_tensor(noise[1:])
     loop = compiled_loop(scheduler, plan)
     for start in (0, 2):
         expected = run_ours(scheduler, plan, latents, noise[1:], start=start)[-1]
-        actual = loop(latents, noises, tf.constant(start, tf.int32))
-        np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5, atol=1e-5 * plan.init_noise_sigma)
+        actual = loop(latents, noises, ops.convert_to_tensor(start, "int32"))
+        np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5,
+                                   atol=1e-5 * plan.init_noise_sigma)
 
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
@@ -232,21 +227,21 @@ def test_half_precision_inputs_give_float32(name):
     plan = scheduler.plan(4)
     sample, model_output, noise = draw(seed=5, count=3)
     expected, _ = scheduler.step(plan, 1, model_output, sample, scheduler.initial_state(sample), noise)
-    for dtype in (tf.float16, tf.bfloat16):
-        low = [tf.cast(tf.cast(x, dtype), tf.float32) for x in (sample, model_output, noise)]
+    for dtype in ("float16", "bfloat16"):
+        low = [ops.cast(ops.cast(x, dtype), "float32") for x in (sample, model_output, noise)]
         reference, _ = scheduler.step(plan, 1, low[1], low[0], scheduler.initial_state(low[0]), low[2])
-        cast = [tf.cast(x, dtype) for x in (sample, model_output, noise)]
+        cast = [ops.cast(x, dtype) for x in (sample, model_output, noise)]
         actual, state = scheduler.step(plan, 1, cast[1], cast[0], scheduler.initial_state(cast[0]), cast[2])
-        assert actual.dtype == tf.float32
-        assert scheduler.scale_model_input(plan, 1, cast[0]).dtype == tf.float32
-        assert all(s.dtype in (tf.float32, tf.int32) for s in state)
-        np.testing.assert_allclose(actual.numpy(), reference.numpy(), rtol=1e-6, atol=1e-6)
-    assert expected.dtype == tf.float32
+        assert ops.dtype(actual) == "float32"
+        assert ops.dtype(scheduler.scale_model_input(plan, 1, cast[0])) == "float32"
+        assert all(ops.dtype(s) in ("float32", "int32") for s in state)
+        np.testing.assert_allclose(ops.convert_to_numpy(actual), ops.convert_to_numpy(reference), rtol=1e-6, atol=1e-6)
+    assert ops.dtype(expected) == "float32"
 
 
 def test_scheduler_names():
-    assert set(SCHEDULER_NAMES) == set(REFERENCE)
     for name in SCHEDULER_NAMES:
+        assert R.diffusers_scheduler_class(name)
         scheduler = get_scheduler(name)
         assert isinstance(scheduler, Scheduler)
         assert scheduler.name == name
@@ -295,14 +290,29 @@ def test_config_from_diffusers_dict():
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
 def test_linear_betas_match_diffusers(name, monkeypatch):
     config = {**SD15_SCHEDULER_CONFIG, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
-    cls, extra = REFERENCE[name]
-    reference = cls.from_config(config, **extra)
+    reference = R.diffusers_scheduler(name, config)
     reference.set_timesteps(8)
     scheduler = get_scheduler(name, SchedulerConfig.from_dict(config))
     plan = scheduler.plan(8)
     noise = draw(seed=2, count=len(plan.timesteps) + 1)
     expected = run_reference(reference, noise[0] * float(reference.init_noise_sigma), reference.timesteps,
                              noise[1:], monkeypatch)
-    actual = run_ours(scheduler, plan, tf.constant(noise[0]) * plan.init_noise_sigma, noise[1:])
+    actual = run_ours(scheduler, plan, ops.convert_to_tensor(noise[0]) * plan.init_noise_sigma, noise[1:])
     for k, (a, b) in enumerate(zip(actual, expected)):
         assert_close(a, b, f"{name} linear betas, evaluation {k}")
+
+
+def test_a_scheduler_made_without_a_config_takes_the_checkpoints():
+    """An SD 2.x v-prediction checkpoint given `DDIM()` runs as v-prediction, unless the object says otherwise."""
+    from kerasdiffusion.schedulers import DDIM, DPMSolverPP2M
+
+    checkpoint = SchedulerConfig(prediction_type="v_prediction", beta_schedule="linear")
+    assert DDIM().for_checkpoint(checkpoint).config == checkpoint
+    karras = DPMSolverPP2M(karras=True).for_checkpoint(checkpoint)
+    assert karras.config == checkpoint and karras.name == "dpmpp_2m_karras"
+    own = DDIM(prediction_type="epsilon").for_checkpoint(checkpoint)
+    assert own.config.prediction_type == "epsilon" and own.config.beta_schedule == "linear"
+    fixed = DDIM(SchedulerConfig()).for_checkpoint(checkpoint)
+    assert fixed.config == SchedulerConfig()
+    assert get_scheduler("euler").for_checkpoint(checkpoint).key == get_scheduler("euler", checkpoint).key
+    assert get_scheduler("euler").key != get_scheduler("euler", checkpoint).key

@@ -13,6 +13,9 @@ Checkpoints come from strangers, so nothing read here is trusted. Which parser r
   safely without PyTorch, and the C unpickler believes the sizes a pickle declares. Ours rebuilds tensors
   only, reads only bytes that are there, refuses zip members declaring more than the file holds, checks
   every shape, stride and offset against its storage, and caps the new arrays at twice the file's size.
+  Textual-inversion ``.pt`` files, which are not flat state dicts, are read whole the same way
+  (`torch_pickle.read_torch_pickle_tree`): each container rebuilt once, 32 deep at most, nothing but
+  plain data, placeholders and checked tensors handed over.
 - JSON (shard indexes, scheduler configs, the converted folder's manifest): Python's ``json``, through
   `readers.read_json_object`, which caps the size and turns malformed, non-object or too deeply nested
   JSON into an error. A shard index may name only files in its own folder.

@@ -94,6 +94,14 @@ def linear_oi_to_io(w):
     return np.transpose(w)
 
 
+def kernel_layout(layer, weight):
+    """A PyTorch weight (linear ``[out, in]`` or convolution ``[out, in, kh, kw]``) as the kernel of our
+    layer ``layer``: HWIO for a convolution, ``[in, out]`` for a dense layer (1x1 convolutions included)."""
+    if weight.ndim == 4 and not _DENSE_LAYERS.search(layer):
+        return conv_oihw_to_hwio(weight)
+    return linear_oi_to_io(weight)
+
+
 def rename_module(module, rules):
     """The Keras layer name of a PyTorch module path, or None when no rule produces a plain name."""
     for pattern, replacement in rules:
@@ -111,9 +119,7 @@ def _leaf(layer, leaf, array, is_norm):
         return "embeddings", array
     if is_norm:
         return "gamma", array
-    if array.ndim == 4 and not _DENSE_LAYERS.search(layer):
-        return "kernel", conv_oihw_to_hwio(array)
-    return "kernel", linear_oi_to_io(array)
+    return "kernel", kernel_layout(layer, array)
 
 
 def convert(state_dict, rules, network, ignored=()):

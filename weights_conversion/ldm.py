@@ -154,14 +154,14 @@ def split_in_proj(weight):
 
 # -------------------------------------------------------------------------------------------------- UNet
 
-_UNET_TOP = {
+UNET_TOP = {
     "time_embed.0": "time_embedding.linear_1",
     "time_embed.2": "time_embedding.linear_2",
     "input_blocks.0.0": "conv_in",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
 }
-_RESNET_PARTS = {
+RESNET_PARTS = {
     "in_layers.0": "norm1",
     "in_layers.2": "conv1",
     "emb_layers.1": "time_emb_proj",
@@ -269,7 +269,7 @@ def _submodule_part(kind, part):
     if leaf not in ("weight", "bias"):
         return None
     if kind == "resnet":
-        new = _RESNET_PARTS.get(module)
+        new = RESNET_PARTS.get(module)
     elif kind == "attention":
         new = module if _TRANSFORMER_PART.fullmatch(module) else None
     else:
@@ -279,8 +279,8 @@ def _submodule_part(kind, part):
 
 def _unet_key(key, block_map):
     module, _, leaf = key.rpartition(".")
-    if module in _UNET_TOP and leaf in ("weight", "bias"):
-        return f"{_UNET_TOP[module]}.{leaf}"
+    if module in UNET_TOP and leaf in ("weight", "bias"):
+        return f"{UNET_TOP[module]}.{leaf}"
     match = _UNET_SUBMODULE.fullmatch(key)
     if not match or match.group(1) not in block_map:
         return None

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from weights_conversion import progress
 from weights_conversion.arrays import bf16_to_float32
 from weights_conversion.errors import CheckpointError
-from weights_conversion.torch_pickle import read_torch_pickle
+from weights_conversion.torch_pickle import read_torch_pickle, read_torch_pickle_tree  # noqa: F401 (re-exported)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -86,6 +86,17 @@ def read_safetensors(path):
                 arrays[name] = array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
                 advance(nbytes)
     return arrays
+
+
+def read_safetensors_metadata(path):
+    """The ``__metadata__`` strings of a safetensors file's header (``{}`` when it has none).
+
+    The library validates the whole header first, so a file it would not read, or whose ``__metadata__``
+    is not an object of strings, is a ``CheckpointError``.
+    """
+    with _open_safetensors(path) as f:
+        metadata = f.metadata()
+    return dict(metadata or {})
 
 
 def _open_safetensors(path):
@@ -164,6 +175,9 @@ def _explain_safetensors(path):
         return None
     if not isinstance(header, dict):
         return "the header is not a JSON object"
+    metadata = header.get("__metadata__", {})
+    if not (metadata is None or isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        return "its __metadata__ is not an object of strings"
     entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
     for name, entry in entries.items():
         problem = _entry_problem(entry)

@@ -185,7 +185,12 @@ _INERT_GLOBALS = {
     f"numpy.{m}{name}"
     for m in ("", "core.multiarray.", "_core.multiarray.")
     for name in ("scalar", "_reconstruct", "dtype", "ndarray")
-} | {"argparse.Namespace"}
+} | {
+    "argparse.Namespace",
+    # AUTOMATIC1111 embeddings saved with torch <= 1.11 pickle their ``string_to_param`` as a whole
+    # ParameterDict module; as a placeholder its pickled state (``_parameters``) stays readable.
+    "torch.nn.modules.container.ParameterDict",
+}
 
 
 class _RestrictedUnpickler(pickle._Unpickler):
@@ -345,9 +350,32 @@ def _unpickle(file, path):
 
 def read_torch_pickle(path):
     """Every tensor of a ``torch.save`` file, zip or legacy, read with the restricted unpickler."""
+    return _read_torch(path, lambda obj, load: _materialize_all(_state_dict_of(obj, path), load, path))
+
+
+def read_torch_pickle_tree(path):
+    """The whole object a ``torch.save`` file holds, read with the restricted unpickler, each tensor as a
+    numpy array: nested dicts, lists and plain values as they were pickled, for files that are not a flat
+    state dict (AUTOMATIC1111's textual-inversion ``.pt``). Placeholders of data-only classes keep their
+    pickled state in ``.state``.
+
+    The same checks as `read_torch_pickle` apply to every tensor (layout, the twice-the-file allowance
+    for new arrays); the object may nest at most 32 containers deep, and may not hold anything but plain
+    data, containers, placeholders and tensors (no storage outside a tensor, no class or function).
+
+    Example:
+
+    >>> read_torch_pickle_tree("embedding.pt")["string_to_param"]["*"].shape   # doctest: +SKIP
+    (2, 768)
+    """
+    return _read_torch(path, lambda obj, load: _TreeMaterializer(load, path).walk(obj, "object", 0))
+
+
+def _read_torch(path, finish):
+    """Unpickles a ``torch.save`` file, zip or legacy, and returns ``finish(object, load_storage)``."""
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"
-    return _read_torch_zip(path) if is_zip else _read_torch_legacy(path)
+    return _read_torch_zip(path, finish) if is_zip else _read_torch_legacy(path, finish)
 
 
 # What zipfile raises for a damaged archive: bad structures, truncated or corrupt compressed data, an
@@ -357,7 +385,7 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, N
                ValueError, struct.error, OSError)
 
 
-def _read_torch_zip(path):
+def _read_torch_zip(path, finish):
     """The zip format: ``<archive>/data.pkl`` plus one ``<archive>/data/<key>`` file per storage."""
     try:
         with zipfile.ZipFile(path) as zf:
@@ -367,7 +395,6 @@ def _read_torch_zip(path):
                 raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (no single <archive>/data.pkl)")
             prefix = pickles[0][: -len("data.pkl")]
             obj, _ = _unpickle(io.BytesIO(read_member(pickles[0], path)), path)
-            state_dict = _state_dict_of(obj, path)
             byteorder = _zip_byteorder(zf, read_member, prefix, path)
             cache = {}
 
@@ -377,7 +404,7 @@ def _read_torch_zip(path):
                     cache[ref.key] = _flat_storage(data, ref.storage_type.dtype, byteorder, where)
                 return cache[ref.key]
 
-            return _materialize_all(state_dict, load, path)
+            return finish(obj, load)
     except CheckpointError:
         raise
     except _ZIP_ERRORS as e:
@@ -429,7 +456,7 @@ def _flat_storage(data, dtype, byteorder, where):
     return flat if stored.isnative or dtype.itemsize == 1 else flat.astype(dtype)
 
 
-def _read_torch_legacy(path):
+def _read_torch_legacy(path, finish):
     """The pre-1.6 stream: magic, protocol, sys info, the object, its storage keys, then each storage
     as an 8-byte element count followed by its raw bytes, in key order."""
     with open(path, "rb") as raw:
@@ -443,7 +470,6 @@ def _read_torch_legacy(path):
         keys, _ = _unpickle(f, path)
         byteorder = "little" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else "big"
         offsets = _legacy_storage_offsets(raw, path, _legacy_keys(keys, path), storage_types, byteorder)
-        state_dict = _state_dict_of(obj, path)
         cache = {}
 
         def load(ref, where):
@@ -456,7 +482,7 @@ def _read_torch_legacy(path):
                 cache[ref.key] = _flat_storage(data, ref.storage_type.dtype, byteorder, where)
             return cache[ref.key]
 
-        return _materialize_all(state_dict, load, path)
+        return finish(obj, load)
 
 
 def _legacy_keys(keys, path):
@@ -507,22 +533,96 @@ def _materialize_all(state_dict, load_storage, path):
     is what a real checkpoint needs at most (all of it bf16), so no tensor can claim more memory than
     its file could justify, however it reuses one storage.
     """
-    arrays, allowance = {}, 2 * os.path.getsize(path)
+    arrays, allowance = {}, _Allowance(path)
     with progress.bar(f"reading {os.path.basename(path)}", len(state_dict), unit="tensor") as advance:
         for name, ref in state_dict.items():
-            where = f"{path}: tensor {_short.repr(name)}"
-            shape, stride = check_layout(ref.shape, ref.stride, ref.offset, where)
-            storage_type = ref.storage.storage_type
-            cost = _new_bytes(storage_type, shape, stride)
-            if cost > allowance:
-                raise CheckpointError(f"{where}: shape {shape} would make {cost} new bytes, beyond twice the "
-                                      "file's size in all")
-            allowance -= cost
-            flat = load_storage(ref.storage, where)
-            array = strided_view(flat, ref.storage.offset + ref.offset, shape, stride, where)
-            arrays[name] = bf16_to_float32(array) if storage_type.name == "BFloat16Storage" else array
+            arrays[name] = _materialize(ref, load_storage, f"{path}: tensor {_short.repr(name)}", allowance)
             advance(1)
     return arrays
+
+
+class _Allowance:
+    """The new bytes a file's tensors may still make: twice the file's size, for all of them together."""
+
+    def __init__(self, path):
+        self.left = 2 * os.path.getsize(path)
+
+    def take(self, cost, shape, where):
+        if cost > self.left:
+            raise CheckpointError(f"{where}: shape {shape} would make {cost} new bytes, beyond twice the "
+                                  "file's size in all")
+        self.left -= cost
+
+
+def _materialize(ref, load_storage, where, allowance):
+    """One ``_TensorRef`` as a numpy array, its layout checked against its storage and its cost against
+    ``allowance``: its storage, offset, shape and strides applied, bf16 widened to float32."""
+    shape, stride = check_layout(ref.shape, ref.stride, ref.offset, where)
+    storage_type = ref.storage.storage_type
+    allowance.take(_new_bytes(storage_type, shape, stride), shape, where)
+    flat = load_storage(ref.storage, where)
+    array = strided_view(flat, ref.storage.offset + ref.offset, shape, stride, where)
+    return bf16_to_float32(array) if storage_type.name == "BFloat16Storage" else array
+
+
+# The types a whole-object read hands over as they are.
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, bytearray)
+_MAX_TREE_DEPTH = 32
+
+
+class _TreeMaterializer:
+    """A whole unpickled object with its tensors as arrays (`read_torch_pickle_tree`).
+
+    Each container is rebuilt once, however often the pickle refers to it (its memo can make a DAG
+    whose paths are exponentially many), and a container that holds itself is refused, as is nesting
+    deeper than ``_MAX_TREE_DEPTH``: the walk never recurses further than that.
+    """
+
+    def __init__(self, load_storage, path):
+        self.load_storage, self.path = load_storage, path
+        self.allowance = _Allowance(path)
+        self.done, self.active = {}, set()
+
+    def walk(self, obj, name, depth):
+        if isinstance(obj, _PLAIN_TYPES):
+            return obj
+        key = id(obj)
+        if key in self.done:
+            return self.done[key]
+        where = f"{self.path}: {name}"
+        if key in self.active:
+            raise CheckpointError(f"{where}: a container that holds itself")
+        if depth > _MAX_TREE_DEPTH:
+            raise CheckpointError(f"{where}: nested more than {_MAX_TREE_DEPTH} containers deep")
+        self.active.add(key)
+        result = self._rebuild(obj, name, depth + 1, where)
+        self.active.discard(key)
+        self.done[key] = result
+        return result
+
+    def _rebuild(self, obj, name, depth, where):
+        if isinstance(obj, _TensorRef):
+            return _materialize(obj, self.load_storage, f"{self.path}: tensor {name}", self.allowance)
+        if isinstance(obj, dict):  # dict or OrderedDict: the only mappings the unpickler makes
+            return type(obj)((self._key(k, where), self.walk(v, f"{name}[{_short.repr(k)}]", depth))
+                             for k, v in obj.items())
+        if isinstance(obj, (set, frozenset)):
+            return type(obj)(self._key(k, where) for k in obj)
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.walk(v, f"{name}[{i}]", depth) for i, v in enumerate(obj))
+        if isinstance(obj, _Inert):
+            for attribute, value in list(vars(obj).items()):
+                setattr(obj, attribute, self.walk(value, f"{name}.{attribute}", depth))
+            return obj
+        raise CheckpointError(f"{where}: holds a {type(obj).__name__} outside a tensor, where data was expected")
+
+    @staticmethod
+    def _key(key, where):
+        """A dict key or set member, which must be plain data (or a tuple of it: `_check_key` keeps it flat)."""
+        if isinstance(key, _PLAIN_TYPES) or (isinstance(key, (tuple, frozenset))
+                                             and all(isinstance(k, _PLAIN_TYPES) for k in key)):
+            return key
+        raise CheckpointError(f"{where}: a dict key or set member is a {type(key).__name__}, not plain data")
 
 
 def _new_bytes(storage_type, shape, stride):

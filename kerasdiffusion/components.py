@@ -1,0 +1,179 @@
+"""From a source to ready parts: `load_components` resolves, builds and fills the networks, once.
+
+`Components` is what a pipeline runs: the tokenizer, the four networks, the model family and the
+training schedule. It is frozen and checked when made, so parts that do not fit together (a UNet that
+attends to a context wider than the text encoder's) fail here, before anything is compiled. Build one
+from a source with `load_components`, or from networks of your own with the constructor.
+
+Example:
+
+>>> import kerasdiffusion as kd                                                   # doctest: +SKIP
+>>> parts = kd.load_components("stable-diffusion-v1-5/stable-diffusion-v1-5")
+>>> parts.family.name, parts.scheduler_config.prediction_type
+('sd1', 'epsilon')
+>>> sd = kd.StableDiffusion.from_components(parts, img_width=512, img_height=512)
+"""
+
+import dataclasses
+
+import keras
+
+from kerasdiffusion import backend
+from kerasdiffusion import config as C
+from kerasdiffusion import sources
+from kerasdiffusion.schedulers import SchedulerConfig
+from kerasdiffusion.text_encoder import build_text_encoder
+from kerasdiffusion.tokenizer import CLIPTokenizer
+from kerasdiffusion.unet import build_unet
+from kerasdiffusion.vae import build_decoder, build_image_encoder, split_weights
+from kerasdiffusion.weights import assign_all
+
+
+def default_precision():
+    """float16 on GPU, bfloat16 on TPU, float32 on CPU."""
+    return {"tpu": "mixed_bfloat16", "gpu": "mixed_float16"}.get(backend.device_type(), "float32")
+
+
+def check_precision(precision):
+    if precision is not None and precision not in C.PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; expected one of {', '.join(C.PRECISIONS)} or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """The parts of a Stable Diffusion model, ready to run.
+
+    Attributes:
+        tokenizer: a `CLIPTokenizer`.
+        text_encoder: token ids ``[B, 77]`` -> context ``[B, 77, D]``.
+        diffusion_model: the UNet, ``[latents, timesteps, context] -> prediction``.
+        image_encoder: images in [-1, 1] -> latent moments (mean, log-variance).
+        decoder: latents (divided by the scaling factor) -> images in about [-1, 1].
+        family: the `ModelFamily` (SD 1.x, SD 2.x).
+        scheduler_config: the training schedule and prediction type (a `SchedulerConfig`).
+        vae_config: the autoencoder's `VAEConfig` (its ``scaling_factor`` scales latents).
+        precision: the networks' dtype policy name.
+        source: where the weights came from, for messages and image metadata.
+    """
+
+    tokenizer: CLIPTokenizer
+    text_encoder: keras.Model
+    diffusion_model: keras.Model
+    image_encoder: keras.Model
+    decoder: keras.Model
+    family: C.ModelFamily = C.SD1
+    scheduler_config: SchedulerConfig = SchedulerConfig()
+    vae_config: C.VAEConfig = C.SD_VAE
+    precision: str = "float32"
+    source: str = ""
+
+    def __post_init__(self):
+        problems = _disagreements(self)
+        if problems:
+            raise ValueError("The components do not fit together: " + "; ".join(problems))
+
+    @property
+    def latent_channels(self):
+        return self.decoder.inputs[0].shape[-1]
+
+    @property
+    def unet_channels(self):
+        """The UNet's input channels: the latents', plus mask and masked-image latents for inpainting UNets."""
+        return self.diffusion_model.inputs[0].shape[-1]
+
+    @property
+    def networks(self):
+        """The four networks by name."""
+        return {name: getattr(self, name) for name in ("text_encoder", "diffusion_model", "image_encoder", "decoder")}
+
+
+def _disagreements(parts):
+    """Every way the parts' shapes contradict each other, as readable sentences."""
+    context_width = parts.text_encoder.outputs[0].shape[-1]
+    attends_to = parts.diffusion_model.inputs[2].shape[-1]
+    latent = parts.latent_channels
+    problems = []
+    if attends_to != context_width:
+        problems.append(f"the UNet attends to a {attends_to}-wide context but the text encoder gives {context_width}")
+    if parts.unet_channels not in (latent, 2 * latent + 1):
+        problems.append(f"the UNet takes {parts.unet_channels} channels, neither the decoder's {latent} latent "
+                        f"channels nor {2 * latent + 1} (inpainting)")
+    if parts.diffusion_model.outputs[0].shape[-1] != latent:
+        problems.append(f"the UNet predicts {parts.diffusion_model.outputs[0].shape[-1]} channels, the decoder "
+                        f"takes {latent}")
+    if parts.image_encoder.outputs[0].shape[-1] != 2 * latent:
+        problems.append(f"the image encoder gives {parts.image_encoder.outputs[0].shape[-1]} moments, not the "
+                        f"{2 * latent} of {latent} latent channels")
+    if parts.text_encoder.inputs[0].shape[-1] != parts.tokenizer.max_length:
+        problems.append(f"the tokenizer makes {parts.tokenizer.max_length} tokens, the text encoder takes "
+                        f"{parts.text_encoder.inputs[0].shape[-1]}")
+    if parts.tokenizer.vocab_size > _vocabulary_rows(parts.text_encoder):
+        problems.append(f"the tokenizer has {parts.tokenizer.vocab_size} tokens, the text encoder embeds "
+                        f"{_vocabulary_rows(parts.text_encoder)}")
+    return problems
+
+
+def _vocabulary_rows(text_encoder):
+    return text_encoder.get_layer("token_embedding").input_dim
+
+
+def _scheduler_config(converted, family, prediction_type):
+    config = dict(converted.scheduler_config or {})
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
+    elif not converted.scheduler_config:
+        config["prediction_type"] = family.prediction_type
+    return SchedulerConfig.from_dict(config)
+
+
+def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None, cache=None, progress=True,
+                    prediction_type=None):
+    """Reads a source's weights (converting and caching where needed) and builds the networks from them.
+
+    The family (SD 1.x, 2.x, 9-channel inpainting) and every size are read from the weights' shapes.
+
+    Args:
+        source: a Hub id, a diffusers folder, a single `.safetensors` / `.ckpt` file, or a converted folder.
+        precision: `"float32"`, `"mixed_float16"` or `"mixed_bfloat16"`; `None` picks float16 on GPU,
+            bfloat16 on TPU and float32 on CPU. Applies to these networks' layers only.
+        revision: for a Hub id, the branch, tag or commit (default: the main branch).
+        cache: whether converted weights are read from and written to the conversion cache; `None`
+            follows ``$KERASDIFFUSION_NO_CACHE``.
+        progress: show progress bars while weights are read and written.
+        prediction_type: `"epsilon"` or `"v_prediction"`, overriding what the source says.
+
+    Returns:
+        `Components`.
+
+    Example:
+
+    >>> parts = load_components("v1-5-pruned-emaonly.safetensors", precision="float32")   # doctest: +SKIP
+    """
+    check_precision(precision)
+    precision = precision or default_precision()
+    converted = sources.resolve(source, half_precision=precision != "float32", use_cache=cache, revision=revision,
+                                progress=progress)
+    weights = converted.weights
+    family = C.family_from_weights(weights["text_encoder"])
+    vae_config = C.vae_config_from_weights(weights["vae"], family)
+    networks = {
+        "text_encoder": build_text_encoder(C.text_encoder_config_from_weights(weights["text_encoder"], family),
+                                           dtype=precision),
+        "diffusion_model": build_unet(C.unet_config_from_weights(weights["unet"], family), dtype=precision),
+        "image_encoder": build_image_encoder(vae_config, dtype=precision),
+        "decoder": build_decoder(vae_config, dtype=precision),
+    }
+    encoder_weights, decoder_weights = split_weights(weights.pop("vae"))
+    assign_all([
+        (networks["text_encoder"], weights.pop("text_encoder"), "text_encoder"),
+        (networks["diffusion_model"], weights.pop("unet"), "unet"),
+        (networks["image_encoder"], encoder_weights, "vae encoder"),
+        (networks["decoder"], decoder_weights, "vae decoder"),
+    ])
+    if converted.tokenizer_dir:
+        tokenizer = CLIPTokenizer.from_folder(converted.tokenizer_dir)
+    else:
+        tokenizer = CLIPTokenizer(pad_token=family.pad_token)
+    return Components(tokenizer=tokenizer, **networks, family=family,
+                      scheduler_config=_scheduler_config(converted, family, prediction_type), vae_config=vae_config,
+                      precision=precision, source=str(source))
