@@ -44,7 +44,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests import hostile_files as H
 from weights_conversion.__main__ import main as convert_main
+from weights_conversion.embeddings import TextualInversion, read_textual_inversion
 from weights_conversion.errors import CheckpointError
+from weights_conversion.lora import lora_updates, read_lora
 from weights_conversion.readers import SAFETENSORS_DTYPES, read_json_object, read_sharded, read_state_dict
 
 # Hypothesis keeps what it learns about the code in a .hypothesis folder; keep it out of the checkout.
@@ -115,6 +117,86 @@ def json_config_seeds():
               "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
               "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
     return [json.dumps(config, indent=2).encode(), b'{"format_version": 1, "source": "x"}']
+
+
+# A model for LoRAs to fit: one attention projection, one resnet convolution, one text-encoder projection
+# (our paths and kernel shapes), and the LoRA reader's whole path, file to checked updates.
+LORA_MODEL = {"unet": {"down0_attn0_block0_self_q/kernel": (8, 8), "down0_attn0_proj_in/kernel": (8, 8),
+                       "down0_res0_conv1/kernel": (3, 3, 4, 8)},
+              "text_encoder": {"layer0_attn_q/kernel": (6, 6)}}
+
+
+def read_and_fit_lora(path):
+    state_dict, metadata = read_lora(path)
+    return lora_updates(state_dict, LORA_MODEL, metadata, where=path)
+
+
+def _lora_factors(prefix, down, up, extra=None):
+    """``down`` and ``up`` as ``(key suffix, shape)``, random; ``extra``: ``{key suffix: tensor}``."""
+    torch.manual_seed(len(prefix))
+    return {f"{prefix}{down[0]}": torch.randn(down[1]), f"{prefix}{up[0]}": torch.randn(up[1]),
+            **{f"{prefix}{suffix}": tensor for suffix, tensor in (extra or {}).items()}}
+
+
+def lora_seeds():
+    """kohya (diffusers- and LDM-named, LoCon, Tucker) and diffusers / PEFT LoRAs for `LORA_MODEL`."""
+    kohya = (".lora_down.weight", ".lora_up.weight")
+    kohya_file = {
+        **_lora_factors("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", (kohya[0], (2, 8)),
+                        (kohya[1], (8, 2)), {".alpha": torch.tensor(1.0)}),
+        **_lora_factors("lora_unet_down_blocks_0_resnets_0_conv1", (kohya[0], (2, 4, 3, 3)), (kohya[1], (8, 2, 1, 1)),
+                        {".alpha": torch.tensor(2.0)}),
+        **_lora_factors("lora_unet_down_blocks_0_attentions_0_proj_in", (kohya[0], (2, 8, 1, 1)),
+                        (kohya[1], (8, 2, 1, 1))),
+        **_lora_factors("lora_te_text_model_encoder_layers_0_self_attn_q_proj", (kohya[0], (2, 6)), (kohya[1], (6, 2)),
+                        {".alpha": torch.tensor(2.0).half()}),
+    }
+    ldm_tucker_file = {
+        **_lora_factors("lora_unet_input_blocks_1_0_in_layers_2", (kohya[0], (2, 4, 1, 1)), (kohya[1], (8, 2, 1, 1)),
+                        {".lora_mid.weight": torch.randn(2, 2, 3, 3)}),
+        **_lora_factors("lora_unet_input_blocks_1_1_proj_in", (kohya[0], (2, 8)), (kohya[1], (8, 2))),
+    }
+    peft_file = {
+        **_lora_factors("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", (".lora_A.weight", (2, 8)),
+                        (".lora_B.weight", (8, 2))),
+        **_lora_factors("unet.down_blocks.0.resnets.0.conv1", (".lora_A.weight", (2, 4, 3, 3)),
+                        (".lora_B.weight", (8, 2, 1, 1))),
+        **_lora_factors("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", (".lora_A.weight", (2, 6)),
+                        (".lora_B.weight", (6, 2))),
+    }
+    peft_metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({
+        "unet.r": 2, "unet.lora_alpha": 4, "unet.alpha_pattern": {"attn1.to_q": 3, "down_blocks.*conv1": 1.5},
+        "unet.use_rslora": True, "text_encoder.r": 2, "text_encoder.lora_alpha": 2})}
+    old_diffusers_file = _lora_factors("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora",
+                                       (".down.weight", (2, 8)), (".up.weight", (8, 2)))
+    return [safetensors.torch.save(kohya_file), safetensors.torch.save(ldm_tucker_file),
+            safetensors.torch.save(peft_file, metadata=peft_metadata), safetensors.torch.save(old_diffusers_file)]
+
+
+def _torch_save(obj, zip_format=True):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=zip_format)
+    return buffer.getvalue()
+
+
+def embedding_pt_seeds():
+    """AUTOMATIC1111 ``.pt`` embeddings (zip and legacy; ``string_to_param`` a dict or, as torch <= 1.11
+    saved it, a ParameterDict) and diffusers' ``learned_embeds.bin``."""
+    torch.manual_seed(0)
+    a1111 = {"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 8)}, "name": "style",
+             "step": 500, "sd_checkpoint": "0123abcd", "sd_checkpoint_name": "v1-5-pruned"}
+    old = {"string_to_token": {"*": 265}, "name": "old", "step": 1,
+           "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.randn(3, 8).half())})}
+    return [_torch_save(a1111), _torch_save(a1111, zip_format=False), _torch_save(old),
+            _torch_save({"<cat-toy>": torch.randn(8)}), _torch_save({"<cat-toy>": torch.randn(2, 8).bfloat16()})]
+
+
+def embedding_safetensors_seeds():
+    """AUTOMATIC1111 / kohya ``emb_params`` and diffusers' ``learned_embeds.safetensors``."""
+    torch.manual_seed(0)
+    return [safetensors.torch.save({"emb_params": torch.randn(4, 8)}),
+            safetensors.torch.save({"<cat-toy>": torch.randn(2, 8).half()}),
+            safetensors.torch.save({"<cat-toy>": torch.randn(8).bfloat16()}, metadata={"format": "pt"})]
 
 
 # ------------------------------------------------------------------------------------------ mutated files
@@ -277,6 +359,7 @@ class Reader:
     read: Callable  # path -> anything; raises CheckpointError
     inputs: st.SearchStrategy  # of file contents
     companions: Callable = lambda folder: None  # writes the fixed files the reader needs beside its input
+    returns: tuple = (dict,)  # what a successful read gives
 
 
 READERS = [
@@ -292,6 +375,11 @@ READERS = [
     Reader("JSON config", "scheduler_config.json", read_json_object,
            st.one_of(mutated(json_config_seeds), json_values.map(lambda v: json.dumps(v).encode()),
                      st.integers(1, 5000).map(lambda n: b"[" * n))),
+    Reader("LoRA", "lora.safetensors", read_and_fit_lora, st.one_of(mutated(lora_seeds), safetensors_files())),
+    Reader("textual inversion pt", "embedding.pt", read_textual_inversion,
+           st.one_of(mutated(embedding_pt_seeds), torch_zips(), torch_legacies()), returns=(TextualInversion,)),
+    Reader("textual inversion safetensors", "embedding.safetensors", read_textual_inversion,
+           st.one_of(mutated(embedding_safetensors_seeds), safetensors_files()), returns=(TextualInversion,)),
 ]
 
 
@@ -334,7 +422,7 @@ def read_safely(reader, data):
             tracemalloc.stop()
         assert peak <= MEMORY_PER_BYTE * len(data) + MEMORY_SLACK, f"{peak} bytes held for a {len(data)}-byte file"
         assert files_in(folder) == before
-    assert isinstance(result, (CheckpointError, dict)), type(result)
+    assert isinstance(result, (CheckpointError, *reader.returns)), type(result)
     if isinstance(result, CheckpointError):
         assert path in str(result), str(result)
     return result
