@@ -16,7 +16,7 @@ setup(
         "pillow",
         "ftfy",
         "regex",
-        "safetensors",
+        "safetensors>=0.8",  # safe_open(..., backend="pread")
         "huggingface_hub",
         "tqdm",
     ],

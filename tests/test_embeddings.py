@@ -100,6 +100,7 @@ def test_bad_embeddings_are_refused(tmp_path):
         "sdxl.safetensors": ({"clip_l": vectors, "clip_g": random_vectors(2, width=1280)}, "SD-XL"),
         "two.safetensors": ({"<a>": vectors, "<b>": vectors}, "found <a>, <b>"),
         "cube.safetensors": ({"emb_params": vectors[None]}, re.escape("shape (1, 2, 768)")),
+        "empty.safetensors": ({"emb_params": np.zeros((2, 0), np.float32)}, re.escape("shape (2, 0)")),
         "lora.safetensors": ({"lora_unet_x.lora_down.weight": vectors, "lora_unet_x.alpha": vectors[0, :1]},
                              "not a textual-inversion embedding"),
     }

@@ -8,6 +8,7 @@ cannot read (per-module alphas, LyCORIS' Tucker core) is checked against the for
 """
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -277,3 +278,43 @@ def test_ldm_numbering_agrees_with_the_checkpoint_converter(base):
     expected = {module.replace(".", "_"): (diffusers.replace(".", "_"), kind)
                 for module, (diffusers, kind) in ldm.unet_block_map(ldm_keys).items()}
     assert ldm_unet_blocks(base["shapes"]["unet"]) == expected
+
+
+TINY_MODEL = {"unet": {"down0_attn0_block0_self_q/kernel": (8, 8)}, "text_encoder": {}}
+TO_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ("{", "corrupt lora_adapter_metadata: JSONDecodeError"),
+    ("[" * 100_000 + "]" * 100_000, "corrupt lora_adapter_metadata: RecursionError"),
+    ("[1, 2]", "a JSON list, not an object"),
+    ('{"unet.lora_alpha": "8"}', 'unet.lora_alpha is "8", not a finite number'),
+    ('{"unet.lora_alpha": 8, "unet.use_rslora": "yes"}', "use_rslora"),
+    ('{"unet.lora_alpha": 8, "unet.alpha_pattern": [1]}', "alpha_pattern is [1], not an object"),
+    ('{"unet.lora_alpha": 8, "unet.alpha_pattern": {"(a+)+$": 2}}', "is not a module name"),
+    ('{"unet.lora_alpha": 8, "unet.alpha_pattern": {"to_q": null}}', "not a finite number"),
+])
+def test_hostile_peft_metadata_is_a_checkpoint_error(tmp_path, metadata, message):
+    """The metadata is the file's, like its tensors: nothing in it may crash, hang or backtrack forever."""
+    path = tmp_path / "lora.safetensors"
+    factors = {f"{TO_Q}.lora_A.weight": np.ones((2, 8), np.float32), f"{TO_Q}.lora_B.weight": np.ones((8, 2), np.float32)}
+    save_file(factors, str(path), metadata={"lora_adapter_metadata": metadata})
+    state_dict, read_metadata = read_lora(path)
+    with pytest.raises(CheckpointError, match=re.escape(message)) as error:
+        lora_updates(state_dict, TINY_MODEL, read_metadata, where=str(path))
+    assert str(error.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("factors, message", [
+    ({"down": (0, 8), "up": (8, 0)}, "rank 0"),
+    ({"down": (2, 8), "up": (8, 2), "alpha": (0,)}, "alpha of shape (0,) is not one finite number"),
+    ({"down": (2, 8), "up": (8, 2), "alpha": (2,)}, "alpha of shape (2,)"),
+    ({"down": (2, 8, 1, 1), "up": (8,), "mid": (2, 2, 1, 1)}, "does not join up (8,)"),
+    ({"down": (2, 8, 1, 1), "up": (8, 2, 1), "mid": (2, 2, 1, 1)}, "does not join"),
+])
+def test_malformed_factors_are_a_checkpoint_error(factors, message):
+    suffixes = {"down": ".lora_down.weight", "up": ".lora_up.weight", "mid": ".lora_mid.weight", "alpha": ".alpha"}
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    state_dict = {prefix + suffixes[name]: np.ones(shape, np.float32) for name, shape in factors.items()}
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        lora_updates(state_dict, TINY_MODEL)

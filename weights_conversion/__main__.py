@@ -26,7 +26,7 @@ def main(argv=None):
             converted = convert_source(args.source)
             save_converted(converted, args.output_dir)
     except (CheckpointError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, whatever a file's names hold
         return 2
     if not args.quiet:
         print(f"Converted {args.source} -> {args.output_dir} in {time.perf_counter() - start:.1f} s")

@@ -52,10 +52,8 @@ def is_diffusers_folder(path):
 
 
 def _read_json(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON object file of the source (a config, our manifest), or None where there is none."""
+    return readers.read_json_object(path) if os.path.isfile(path) else None
 
 
 def _tokenizer_dir(path):
@@ -88,7 +86,10 @@ def _load_converted_folder(path, lazy=False):
             raise CheckpointError(f"{path}: converted folder lacks {network}.safetensors")
         weights[network] = readers.read_state_dict(file, lazy=lazy)
     scheduler = _read_json(os.path.join(path, "scheduler_config.json"))
-    return Converted(weights, scheduler, _tokenizer_dir(path), manifest.get("source", path))
+    source = manifest.get("source", path)
+    if not isinstance(source, str):
+        raise CheckpointError(f"{path}: {MANIFEST} gives a source that is not a string")
+    return Converted(weights, scheduler, _tokenizer_dir(path), source)
 
 
 def convert_source(path, lazy=False):

@@ -99,7 +99,7 @@ def _vectors(array, where, width):
     if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
         raise CheckpointError(f"{where}: the embedding's vectors are not a floating-point tensor")
     vectors = array.reshape(1, -1) if array.ndim == 1 else array
-    if vectors.ndim != 2 or vectors.shape[0] < 1:
+    if vectors.ndim != 2 or vectors.shape[0] < 1 or vectors.shape[1] < 1:
         raise CheckpointError(f"{where}: the embedding's vectors have shape {array.shape}; expected [n, D] or [D]")
     if width is not None and vectors.shape[1] != width:
         families = {768: "SD 1.x", 1024: "SD 2.x"}

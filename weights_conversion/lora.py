@@ -132,7 +132,7 @@ def read_lora(path):
     return state_dict, metadata
 
 
-def lora_updates(state_dict, model_shapes, metadata=None):
+def lora_updates(state_dict, model_shapes, metadata=None, where=None):
     """A LoRA state dict as updates of our weights, checked against the model's shapes.
 
     Args:
@@ -140,6 +140,7 @@ def lora_updates(state_dict, model_shapes, metadata=None):
         model_shapes: ``{"unet": {path: shape}, "text_encoder": {path: shape}}``: the variables of the
             model the LoRA is for (our paths; e.g. ``{v.path: tuple(v.shape) for v in model.weights}``).
         metadata: the file's safetensors metadata (``read_lora``), for diffusers' ``lora_adapter_metadata``.
+        where: what the error messages name (the file's path), if anything.
 
     Returns:
         ``{"unet": {path: LoraUpdate}, "text_encoder": {path: LoraUpdate}}`` (a network the file does not
@@ -152,7 +153,8 @@ def lora_updates(state_dict, model_shapes, metadata=None):
     # 1. The file's tensors grouped by the module they adapt; keys that cannot be read are problems.
     modules, problems = _group_by_module(state_dict)
     # 2. Each module's kernel in our model, and its factors checked against that kernel.
-    configs = {network: _peft_config(metadata, network) for network in NETWORKS}
+    prefix = f"{where}: " if where else ""
+    configs = {network: _peft_config(metadata, network, prefix) for network in NETWORKS}
     ldm_blocks = ldm_unet_blocks(model_shapes.get("unet", {}))
     updates = {network: {} for network in NETWORKS}
     for (network, module), factors in sorted(modules.items()):
@@ -171,7 +173,7 @@ def lora_updates(state_dict, model_shapes, metadata=None):
                 updates[network][path] = update
     # 3. All or nothing.
     if problems:
-        raise CheckpointError(_problems_message(problems))
+        raise CheckpointError(prefix + _problems_message(problems))
     return updates
 
 
@@ -309,33 +311,77 @@ def ldm_unet_blocks(unet_paths):
 # ------------------------------------------------------------------------------------------------ factors
 
 
-def _peft_config(metadata, network):
-    """One network's PEFT ``LoraConfig`` fields from diffusers' ``lora_adapter_metadata`` (``{}`` if none)."""
+def _peft_config(metadata, network, prefix=""):
+    """One network's PEFT ``LoraConfig`` fields from diffusers' ``lora_adapter_metadata`` (``{}`` if none),
+    those this reader uses checked: the metadata comes from the file, like its tensors."""
     raw = (metadata or {}).get("lora_adapter_metadata")
     if not raw:
         return {}
+    if not isinstance(raw, str):
+        raise CheckpointError(f"{prefix}corrupt lora_adapter_metadata: a {type(raw).__name__}, not JSON text")
     try:
         packed = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupt lora_adapter_metadata: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, digits past Python's limit, deep nesting
+        raise CheckpointError(f"{prefix}corrupt lora_adapter_metadata: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(packed, dict):
+        raise CheckpointError(f"{prefix}corrupt lora_adapter_metadata: a JSON {type(packed).__name__}, not an object")
     config = {k[len(network) + 1 :]: v for k, v in packed.items() if k.startswith(network + ".")}
     if config.get("use_dora"):
-        raise CheckpointError(f"{network}: a DoRA adapter (use_dora) is not supported")
+        raise CheckpointError(f"{prefix}{network}: a DoRA adapter (use_dora) is not supported")
+    problem = _config_problem(config)
+    if problem:
+        raise CheckpointError(f"{prefix}corrupt lora_adapter_metadata: {network}.{problem}")
     return config
+
+
+def _is_number(value):
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+# PEFT matches alpha_pattern keys as regular expressions. Ours run only when they cannot backtrack
+# without end: module names, "|" alternatives, anchors and at most two ".*" (PEFT's documented uses).
+_SAFE_PATTERN = re.compile(r"[\w.|^$-]*(\.\*[\w.|^$-]*){0,2}")
+_MAX_PATTERN = 256
+
+
+def _config_problem(config):
+    """What is wrong with the fields of one network's config that this reader uses, or None."""
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        return f"lora_alpha is {_clip(config['lora_alpha'])}, not a finite number"
+    if not isinstance(config.get("use_rslora", False), bool):
+        return f"use_rslora is {_clip(config['use_rslora'])}, not true or false"
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        return f"alpha_pattern is {_clip(patterns)}, not an object"
+    for pattern, value in patterns.items():
+        if len(pattern) > _MAX_PATTERN or not _SAFE_PATTERN.fullmatch(pattern):
+            return (f"alpha_pattern key {_clip(pattern)} is not a module name (letters, digits, _ . - |, "
+                    "anchors and at most two .*)")
+        if not _is_number(value):
+            return f"alpha_pattern[{_clip(pattern)}] is {_clip(value)}, not a finite number"
+    return None
+
+
+def _clip(value):
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _pattern_value(patterns, module, default):
     """PEFT's rank/alpha patterns: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module)``."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return value
+        except re.error as e:  # "a|" is fine, "^$|" too; an empty group or a stray "|" at worst
+            raise CheckpointError(f"corrupt lora_adapter_metadata: alpha_pattern key {_clip(pattern)}: {e}") from None
     return default
 
 
 def _scale(factors, rank, config, module):
     """``alpha / rank``: alpha from the file's ``.alpha``, else from the PEFT metadata, else the rank."""
     if "alpha" in factors:
-        return float(factors["alpha"].reshape(-1)[0]) / rank
+        return float(factors["alpha"].reshape(-1)[0]) / rank  # one finite number: _update
     if "lora_alpha" in config:
         alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
         return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
@@ -361,7 +407,7 @@ def _factor_shapes(factors):
         if down.ndim != 4 or down.shape[2:] != (1, 1) or mid.ndim != 4:
             return f"Tucker factors down {down.shape}, mid {mid.shape} are not 1x1 and kh x kw"
         down = down[:, :, 0, 0]
-        if mid.shape[:2] != (up.shape[1], down.shape[0]):
+        if up.ndim != 2 or mid.shape[:2] != (up.shape[1], down.shape[0]):
             return f"mid of shape {mid.shape} does not join up {up.shape} and down {down.shape}"
         return up, down, mid, (up.shape[0], down.shape[1], *mid.shape[2:])
     if up.ndim != 2 or down.ndim not in (2, 4) or up.shape[1] != down.shape[0]:
@@ -378,6 +424,11 @@ def _update(path, source, factors, model_shape, config, module):
     if isinstance(shapes, str):
         return None, ("malformed", f"{source}: {shapes}")
     up, down, mid, delta_shape = shapes
+    if down.shape[0] == 0:
+        return None, ("malformed", f"{source}: rank 0 (down {factors['down'].shape})")
+    alpha = factors.get("alpha")
+    if alpha is not None and not (alpha.size == 1 and np.isfinite(alpha).all()):
+        return None, ("malformed", f"{source}: alpha of shape {alpha.shape} is not one finite number")
     expected = _torch_kernel_shape(model_shape)
     fits = delta_shape == expected or (len(expected) == 2 and delta_shape == (*expected, 1, 1))
     if not fits:
