@@ -42,7 +42,9 @@ print(json.dumps({"seconds": time.perf_counter() - start, "dir": backend.use_com
 def run(backend, tmp_path, **env):
     script = tmp_path / "program.py"
     script.write_text(PROGRAM)
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("KERASDIFFUSION_")}
+    # Not TF_XLA_FLAGS either: importing the pipeline in this process (other test modules do) put this
+    # session's cache directory there, and a child that inherits it would write its programs there.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("KERASDIFFUSION_") and k != "TF_XLA_FLAGS"}
     env = dict(inherited, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT,
                KERASDIFFUSION_CACHE=str(tmp_path / "cache"), **env)
     result = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
