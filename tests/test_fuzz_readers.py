@@ -35,6 +35,7 @@ import tracemalloc
 from datetime import timedelta
 from typing import Callable
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -362,8 +363,15 @@ class Reader:
     returns: tuple = (dict,)  # what a successful read gives
 
 
+def read_lazily(path):
+    """A converted folder's way (`LazyTensor`s, header validated first), each tensor then read."""
+    return {name: np.asarray(tensor) for name, tensor in read_state_dict(path, lazy=True).items()}
+
+
 READERS = [
     Reader("safetensors", "model.safetensors", read_state_dict,
+           st.one_of(mutated(safetensors_seeds), safetensors_files(), st.binary(max_size=64))),
+    Reader("safetensors lazily", "model.safetensors", read_lazily,
            st.one_of(mutated(safetensors_seeds), safetensors_files(), st.binary(max_size=64))),
     Reader("torch zip", "model.ckpt", read_state_dict,
            st.one_of(mutated(functools.partial(torch_seeds, True)), torch_zips())),

@@ -23,10 +23,10 @@ from weights_conversion.readers import read_json_object, read_sharded, read_stat
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def refused(path, *fragments, error=CheckpointError):
+def refused(path, *fragments, error=CheckpointError, lazy=False):
     """Reads ``path``; it must fail with ``error`` whose message holds the path and every fragment."""
     with pytest.raises(error) as raised:
-        read_state_dict(path)
+        read_state_dict(path, lazy=lazy)
     message = str(raised.value)
     for fragment in (str(path), *fragments):
         assert fragment in message, message
@@ -68,25 +68,45 @@ SAFETENSORS_CASES = {
 }
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
 @pytest.mark.parametrize("case", SAFETENSORS_CASES)
-def test_malformed_safetensors_is_refused_naming_the_tensor(tmp_path, case):
+def test_malformed_safetensors_is_refused_naming_the_tensor(tmp_path, case, lazy):
+    """A lazy read refuses the same files, with the same messages, before reading any tensor."""
     header, data, raw_header, fragments = SAFETENSORS_CASES[case]
     path = tmp_path / "model.safetensors"
     path.write_bytes(H.safetensors_bytes(header, data, raw_header))
-    refused(path, *fragments)
+    refused(path, *fragments, lazy=lazy)
 
 
-def test_bf16_tensors_are_read_exactly_wherever_they_lie(tmp_path):
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_bf16_tensors_are_read_exactly_wherever_they_lie(tmp_path, lazy):
     """bf16 bytes are read by us at the offsets the library validated; other dtypes by the library."""
     torch.manual_seed(0)
     tensors = {"a": torch.randn(3).bfloat16(), "b": torch.randn(5, 2), "c": torch.randn(7).bfloat16(),
                "d": torch.randn(2).half(), "e": torch.zeros(0).bfloat16(), "f": torch.tensor(2.5).bfloat16()}
     safetensors.torch.save_file(tensors, str(tmp_path / "m.safetensors"))
-    arrays = read_state_dict(tmp_path / "m.safetensors")
+    arrays = read_state_dict(tmp_path / "m.safetensors", lazy=lazy)
     for name, tensor in tensors.items():
         expected = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
-        np.testing.assert_array_equal(arrays[name], expected, err_msg=name)
-        assert arrays[name].dtype == expected.dtype and arrays[name].shape == expected.shape
+        assert arrays[name].dtype == expected.dtype and arrays[name].shape == expected.shape  # before any read
+        np.testing.assert_array_equal(np.asarray(arrays[name]), expected, err_msg=name)
+        assert np.asarray(arrays[name]).dtype == expected.dtype
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_lazy_tensor_of_a_file_changed_since_validation_is_refused(tmp_path, dtype):
+    """A lazy tensor reads at the offsets validated with the header; a file replaced since is not read."""
+    path = tmp_path / "m.safetensors"
+    tensors = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
+    tensors = {name: t.bfloat16() if dtype == "BF16" else t for name, t in tensors.items()}
+    safetensors.torch.save_file(tensors, str(path))
+    lazy = read_state_dict(path, lazy=True)
+    replaced = tmp_path / "new.safetensors"
+    safetensors.torch.save_file({"b": tensors["b"], "a": torch.arange(8.0)}, str(replaced))
+    os.replace(replaced, path)
+    with pytest.raises(CheckpointError, match="changed since its header was validated") as raised:
+        np.asarray(lazy["b"])
+    assert str(path) in str(raised.value) and "tensor 'b'" in str(raised.value)
 
 
 # ------------------------------------------------------------------------------------------- torch pickles
