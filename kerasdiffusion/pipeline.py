@@ -25,10 +25,9 @@ from kerasdiffusion import adapters, backend, prompts, seeds, sources
 from kerasdiffusion import images as I
 from kerasdiffusion import schedulers as S
 from kerasdiffusion.components import Components, check_precision, load_components
+from kerasdiffusion.config import PROMPT_SYNTAXES
 from kerasdiffusion.denoise import LOOPS, Conditioning, Denoiser, Keep
 from kerasdiffusion.text_encoder import skip_last_layers
-
-PROMPT_SYNTAXES = ("plain", "a1111")
 
 
 def _check_size(name, value):
