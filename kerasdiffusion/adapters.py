@@ -148,10 +148,10 @@ class FusedLoras:
                 variable.assign(original)  # exactly the weights before any LoRA
                 del self.originals[(network, path)]
                 continue
-            value = original.astype(np.float32)
+            value = original.astype(np.float32)  # a copy: the original stays as it is
             for scale, update in contributions:
-                value = value + np.float32(scale) * update.delta()
-            variable.assign(value.astype(original.dtype))
+                value += np.float32(scale) * update.delta()
+            variable.assign(value.astype(original.dtype, copy=False))
 
 
 def _value(variable):
