@@ -71,6 +71,12 @@ def adapter_name(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def source_name(source, path):
+    """What to call an adapter by default: its file's name, or the name of the folder or Hub repository holding it."""
+    source = os.fspath(source)
+    return adapter_name(path) if os.path.isfile(source) else os.path.basename(os.path.normpath(source))
+
+
 # -------------------------------------------------------------------------------------------------- LoRA
 
 

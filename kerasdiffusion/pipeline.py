@@ -261,7 +261,7 @@ class StableDiffusion:
             source: a LoRA file (``.safetensors``, or a pickled ``.bin`` / ``.pt``), a folder holding
                 ``weight_name``, or a Hub id.
             scale: the LoRA's multiplier (AUTOMATIC1111's ``<lora:NAME:SCALE>``).
-            name: what to call it; default the file's name without its suffix (for a Hub id, the repository's
+            name: what to call it; default the file's name without its suffix (for a folder or a Hub id, its
                 name). In ``prompt_syntax="a1111"``, ``<lora:NAME:SCALE>`` in a prompt sets its scale for a call.
             weight_name: the file in a Hub repository or folder (default ``pytorch_lora_weights.safetensors``).
 
@@ -272,8 +272,7 @@ class StableDiffusion:
         >>> sd.unload_lora(name)
         """
         path = adapters.adapter_file(source, weight_name, adapters.LORA_WEIGHT_NAME)
-        if name is None:
-            name = os.fspath(source).split("/")[-1] if sources.is_hub_id(source) else adapters.adapter_name(path)
+        name = name or adapters.source_name(source, path)
         if name in self._lora_state():
             raise ValueError(f"A LoRA named {name!r} is already loaded: unload it first, or pass another name=")
         updates = adapters.read_lora_updates(path, self.components)

@@ -129,6 +129,23 @@ def test_lora_images_match_diffusers_and_unloading_restores_the_weights(referenc
     np.testing.assert_array_equal(ours(sd), before)
 
 
+def test_sd2_lora_images_match_diffusers(tmp_path):
+    """SD 2.x: linear proj_in / proj_out, the 1024-wide OpenCLIP text tower, v-prediction; a kohya file."""
+    pipeline = R.make_reference_pipeline(seed=62, family="sd2")
+    pipeline.scheduler = R.diffusers_scheduler(SCHEDULER, R.SD2_SCHEDULER)
+    pipeline.save_pretrained(tmp_path / "sd2")
+    sd2 = StableDiffusion.from_pretrained(tmp_path / "sd2", img_width=SIZE, img_height=SIZE, jit_compile=R.JIT,
+                                          precision="float32", scheduler=SCHEDULER, progress=False)
+    state_dict, _ = kohya_lora(pipeline.unet, pipeline.text_encoder, alpha=lambda i: 2.0, seed=6)
+    save_file(state_dict, str(tmp_path / "sd2-style.safetensors"))
+    sd2.load_lora(tmp_path / "sd2-style.safetensors", scale=0.8)
+    pipeline.load_lora_weights(str(tmp_path / "sd2-style.safetensors"))
+    pipeline.fuse_lora(lora_scale=0.8)
+    pipeline.unload_lora_weights()
+    assert_same_images(ours(sd2), diffusers_images(pipeline, prompt=PROMPT, negative_prompt=NEGATIVE),
+                       "SD 2.x kohya LoRA at scale 0.8")
+
+
 def test_several_loras_add_up_and_unload_in_any_order(sd, lora_files):
     original = weights_of(sd)
     shapes = {network: {p: a.shape for p, a in w.items()} for network, w in original.items()}
