@@ -22,10 +22,11 @@ import random
 import sys
 import tempfile
 import time
+import typing
 
 from kerasdiffusion import images as I
-from kerasdiffusion import sources
-from kerasdiffusion.config import PRECISIONS, SCHEDULER_NAMES
+from kerasdiffusion import prompts, sources
+from kerasdiffusion.config import PRECISIONS, PROMPT_SYNTAXES, SCHEDULER_NAMES
 from weights_conversion import progress as conversion_progress
 from weights_conversion.convert import SINGLE_FILE_SUFFIXES, save_converted
 
@@ -60,7 +61,15 @@ examples:
   kerasdiffusion generate "a photograph of an astronaut riding a horse" --seed 1
   kerasdiffusion generate "a watercolor fox" --model ./sd15-keras --scheduler euler_ancestral \\
       --steps 30 --guidance 6 --width 768 --height 512 --batch-size 2 --out fox.png
+  kerasdiffusion generate "a (red:1.2) fox <lora:ink:0.7>, EasyNegative" --lora-dir ./loras \\
+      --lora ./detail.safetensors:0.5 --embedding ./EasyNegative.safetensors --clip-skip 2
+  kerasdiffusion generate --from-png fox.png --out fox-again.png --lora-dir ./loras
 """
+
+# The generate options a PNG given with --from-png may set; each takes this value when neither says.
+GENERATE_DEFAULTS = dict(model=sources.DEFAULT_MODEL, negative_prompt="", steps=50, guidance=7.5, seed=None,
+                         width=512, height=512, batch_size=1, scheduler="ddim", prompt_syntax="a1111", clip_skip=1)
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
 SCHEDULER_HELP = ", ".join(f"{name} ({I.A1111_SAMPLERS[name]})" for name in SCHEDULER_NAMES)
 
@@ -102,32 +111,54 @@ def _add_generate(commands):
         description="Generate images from a text prompt and save them as PNG files that carry their parameters.",
         epilog=GENERATE_EXAMPLES, formatter_class=_Formatter,
     )
-    generate.add_argument("prompt", help='what to draw, in quotes: "a watercolor fox in the snow"')
-    generate.add_argument("--model", "-m", metavar="SOURCE", default=sources.DEFAULT_MODEL,
+    generate.add_argument("prompt", nargs="?", default=None,
+                          help='what to draw, in quotes: "a watercolor fox in the snow" (with --from-png: the '
+                          "PNG's, unless given)")
+    generate.add_argument("--model", "-m", metavar="SOURCE", default=None,
                           help="a Hub id (org/name), a diffusers folder, a .safetensors / .ckpt file or a folder "
-                          "written by `kerasdiffusion convert` (default: %(default)s)")
+                          f"written by `kerasdiffusion convert` (default: {GENERATE_DEFAULTS['model']})")
     generate.add_argument("--out", "-o", metavar="PATH", default="out.png",
                           help="the PNG to write; with --batch-size N > 1, out.png becomes out-0.png ... "
                           "out-{N-1}.png (default: %(default)s)")
-    generate.add_argument("--negative-prompt", "-n", metavar="TEXT", default="",
+    generate.add_argument("--negative-prompt", "-n", metavar="TEXT", default=None,
                           help='what to steer away from: "blurry, low quality" (default: none)')
-    generate.add_argument("--steps", type=int, default=50, metavar="N",
-                          help="denoising steps: more is slower and usually finer (default: %(default)s)")
-    generate.add_argument("--guidance", "--cfg-scale", type=float, default=7.5, metavar="G",
+    generate.add_argument("--steps", type=int, default=None, metavar="N",
+                          help="denoising steps: more is slower and usually finer "
+                          f"(default: {GENERATE_DEFAULTS['steps']})")
+    generate.add_argument("--guidance", "--cfg-scale", type=float, default=None, metavar="G",
                           help="how closely to follow the prompt (classifier-free guidance scale); 1 turns guidance "
-                          "off (default: %(default)s)")
+                          f"off (default: {GENERATE_DEFAULTS['guidance']})")
     generate.add_argument("--seed", type=int, default=None, metavar="S",
                           help="the same seed and settings give the same images (default: a random seed, printed "
                           "and stored in the PNG)")
-    generate.add_argument("--width", type=int, default=512, metavar="W",
-                          help="image width in pixels, a multiple of 8 (default: %(default)s)")
-    generate.add_argument("--height", type=int, default=512, metavar="H",
-                          help="image height in pixels, a multiple of 8 (default: %(default)s)")
-    generate.add_argument("--batch-size", "-b", type=int, default=1, metavar="B",
-                          help="how many images to make at once (default: %(default)s)")
-    generate.add_argument("--scheduler", "--sampler", default="ddim", choices=SCHEDULER_NAMES, metavar="NAME",
+    generate.add_argument("--width", type=int, default=None, metavar="W",
+                          help=f"image width in pixels, a multiple of 8 (default: {GENERATE_DEFAULTS['width']})")
+    generate.add_argument("--height", type=int, default=None, metavar="H",
+                          help=f"image height in pixels, a multiple of 8 (default: {GENERATE_DEFAULTS['height']})")
+    generate.add_argument("--batch-size", "-b", type=int, default=None, metavar="B",
+                          help=f"how many images to make at once (default: {GENERATE_DEFAULTS['batch_size']})")
+    generate.add_argument("--scheduler", "--sampler", default=None, choices=SCHEDULER_NAMES, metavar="NAME",
                           help=f"the sampler; in brackets, the name AUTOMATIC1111 gives it: {SCHEDULER_HELP} "
-                          "(default: %(default)s)")
+                          f"(default: {GENERATE_DEFAULTS['scheduler']})")
+    generate.add_argument("--prompt-syntax", default=None, choices=PROMPT_SYNTAXES, metavar="SYNTAX",
+                          help="a1111: AUTOMATIC1111's (emphasis (word:1.2) and [word], BREAK, prompts of any length, "
+                          "<lora:NAME:SCALE>); plain: as diffusers reads a prompt, cut after 75 tokens "
+                          f"(default: {GENERATE_DEFAULTS['prompt_syntax']})")
+    generate.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                          help="the text encoder layer to use, counted from the last: 1 the last, 2 the penultimate "
+                          f"(AUTOMATIC1111's setting; SD 1.x only) (default: {GENERATE_DEFAULTS['clip_skip']})")
+    generate.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                          help="a LoRA (kohya / AUTOMATIC1111 or diffusers .safetensors) and its scale (default 1); "
+                          "repeat for several")
+    generate.add_argument("--lora-dir", metavar="DIR", default=None,
+                          help="where <lora:NAME:SCALE> in the prompt finds NAME.safetensors (or .pt, .ckpt; "
+                          "sub-folders too)")
+    generate.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                          help="a textual-inversion embedding (AUTOMATIC1111 .pt / .safetensors or diffusers "
+                          "learned_embeds); its token is the file's name (or the token it holds); repeatable")
+    generate.add_argument("--from-png", metavar="FILE", default=None,
+                          help="make again the image a PNG of ours or of AUTOMATIC1111 describes (its prompt and "
+                          "settings; options given here override them)")
     generate.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS), metavar="P",
                           help="auto (float16 on GPU, bfloat16 on TPU, float32 on CPU), "
                           f"{', '.join(PRECISIONS)} (default: %(default)s)")
@@ -187,9 +218,22 @@ def main(argv=None):
         return 1
 
 
+class LoraFile(typing.NamedTuple):
+    """A LoRA a generation loads: from --lora (its scale), or for a <lora:NAME:SCALE> tag (the tag's scale)."""
+
+    name: str
+    path: str
+    scale: float
+    from_prompt: bool
+
+
 def run_generate(args):
+    png = read_generation_png(args.from_png) if args.from_png else {}
+    keep = png.get("batch_index") if args.batch_size is None else None  # one image of the PNG's batch
+    fill_generate_args(args, png)
     check_generate_args(args)
-    paths = output_paths(args.out, args.batch_size)
+    loras = lora_files(args, png)
+    paths = output_paths(args.out, 1 if keep is not None else args.batch_size)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     say = _printer(args.quiet)
     start = time.perf_counter()
@@ -198,20 +242,140 @@ def run_generate(args):
     sd = StableDiffusion.from_pretrained(args.model, img_width=args.width, img_height=args.height,
                                          jit_compile=not args.no_xla, scheduler=args.scheduler,
                                          precision=None if args.precision == "auto" else args.precision,
+                                         prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip,
                                          revision=args.revision, cache=False if args.no_cache else None,
                                          progress=not args.quiet)
+    for lora in loras:
+        sd.load_lora(lora.path, scale=lora.scale, name=lora.name)
+    embeddings = {sd.load_textual_inversion(path): path for path in args.embedding}
+    _check_png_embeddings(args.from_png, png, embeddings)
     say(f"Loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}")
     images = sd.text_to_image(args.prompt, negative_prompt=args.negative_prompt or None, batch_size=args.batch_size,
                               num_steps=args.steps, unconditional_guidance_scale=args.guidance, seed=seed,
                               verbose=not args.quiet)
+    cache = False if args.no_cache else None
+    settings = dict(
+        model_hash=sources.model_hash(args.model, cache), clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax,
+        lora_hashes={lora.name: sources.lora_hash(lora.path, cache) for lora in loras},
+        lora_scales={lora.name: lora.scale for lora in loras if not lora.from_prompt},
+        ti_hashes={token: sources.embedding_hash(path, cache) for token, path in embeddings.items()},
+    )
+    indices = [keep] if keep is not None else range(args.batch_size)
     texts = [
         I.png_parameters(args.prompt, args.negative_prompt, args.steps, args.guidance, seed, args.scheduler,
-                         args.model, args.width, args.height, args.batch_size, index, model_name(args.model))
-        for index in range(args.batch_size)
+                         model_name(args.model), args.width, args.height, args.batch_size, index, **settings)
+        for index in indices
     ]
-    for path in I.write_pngs(images, paths, texts):
+    for path in I.write_pngs([images[index] for index in indices], paths, texts):
         say(f"Wrote {path}")
     return 0
+
+
+def fill_generate_args(args, png):
+    """Each generate option the command line left out takes the PNG's value (--from-png), else its default."""
+    if args.prompt is None:
+        args.prompt = png.get("prompt")
+    if args.model is None and "model" in png:
+        name = png["model"]
+        if not (sources.is_hub_id(name) or os.path.exists(name)):
+            made_with = f"{name!r}" + (f" (hash {png['model_hash']})" if png.get("model_hash") else "")
+            raise UsageError(f"{args.from_png} was made with the model {made_with}: pass it with --model")
+    for key, default in GENERATE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, png.get(key, default))
+
+
+def read_generation_png(path):
+    """The generation a PNG's ``parameters`` text describes (ours or AUTOMATIC1111's), as generate's options.
+
+    Returns:
+        A dict of option names (``prompt``, ``steps``, ``scheduler``, ...) and ``lora_scales`` (LoRAs given
+        outside the prompt), ``embeddings`` (tokens used) and ``batch_index`` where the text says them.
+    """
+    text = I.read_png_text(path)
+    if not text.get("parameters"):
+        raise UsageError(f"{path} carries no generation parameters (no 'parameters' text in the PNG)")
+    prompt, negative, fields = I.parse_a1111_parameters(text["parameters"])
+    if "Seed" not in fields or "Steps" not in fields:
+        raise UsageError(f"{path}: its parameters give no {'Seed' if 'Seed' not in fields else 'Steps'}")
+    png = {"prompt": prompt, "negative_prompt": negative}
+    scheduler = text.get("scheduler")  # ours: the exact name; A1111's: its sampler's
+    png["scheduler"] = scheduler if scheduler in SCHEDULER_NAMES else I.scheduler_from_a1111(
+        fields.get("Sampler"), fields.get("Schedule type"))
+    for option, field, convert in (("steps", "Steps", int), ("guidance", "CFG scale", float), ("seed", "Seed", int),
+                                   ("clip_skip", "Clip skip", int), ("batch_size", "Batch size", int),
+                                   ("batch_index", "Batch pos", int), ("model", "Model", str),
+                                   ("model_hash", "Model hash", str), ("prompt_syntax", "Prompt syntax", str)):
+        if field in fields:
+            png[option] = _convert(path, field, fields[field], convert)
+    if "Size" in fields:
+        png["width"], png["height"] = (_convert(path, "Size", size, int) for size in fields["Size"].split("x", 1))
+    png["lora_scales"] = {name: _convert(path, "Lora scales", scale, float)
+                          for name, scale in I.parse_a1111_list(fields.get("Lora scales")).items()}
+    png["embeddings"] = list(I.parse_a1111_list(fields.get("TI hashes")))
+    return png
+
+
+def _convert(path, field, value, convert):
+    try:
+        return convert(value)
+    except ValueError:
+        raise UsageError(f"{path}: {field} {value!r} is not a {convert.__name__}") from None
+
+
+def lora_files(args, png):
+    """Every LoRA to load: --lora FILE[:SCALE], those the PNG of --from-png names outside its prompt, and, with
+    the a1111 syntax, those the prompt's <lora:NAME:SCALE> tags name, from --lora-dir."""
+    loras = {}
+    for option in args.lora:
+        path, scale = parse_lora_option(option)
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name in loras:
+            raise UsageError(f"--lora {option}: a LoRA named {name!r} is given twice")
+        loras[name] = LoraFile(name, path, scale, from_prompt=False)
+    for name, scale in png.get("lora_scales", {}).items():
+        if name not in loras:
+            loras[name] = LoraFile(name, find_lora(args.lora_dir, name, f"{args.from_png}'s Lora scales"), scale, False)
+    if args.prompt_syntax == "a1111":
+        for tag in prompts.extract_loras(args.prompt)[1]:
+            if tag.name not in loras:
+                loras[tag.name] = LoraFile(tag.name, find_lora(args.lora_dir, tag.name, "the prompt"), 1.0, True)
+    return list(loras.values())
+
+
+def parse_lora_option(option):
+    """``FILE[:SCALE]`` -> ``(FILE, SCALE)``; the scale defaults to 1 (a file whose own name holds a colon is
+    taken whole)."""
+    path, colon, scale = option.rpartition(":")
+    if colon and path and not os.path.isfile(option):
+        try:
+            scale = float(scale)
+        except ValueError:
+            raise UsageError(f"--lora {option}: the scale {scale!r} is not a number") from None
+    else:
+        path, scale = option, 1.0
+    if not (os.path.isfile(path) or sources.is_hub_id(path)):
+        raise FileNotFoundError(f"--lora {option}: no such file {path!r}")
+    return path, scale
+
+
+def find_lora(folder, name, where):
+    """The file ``NAME.safetensors`` (or ``.pt``, ``.ckpt``, ``.bin``) in ``folder`` or below, as A1111 finds it."""
+    if folder is None:
+        raise UsageError(f"{where} names the LoRA {name!r}: give the folder that holds it with --lora-dir")
+    for root, _, names in sorted(os.walk(folder)):
+        for suffix in LORA_SUFFIXES:
+            if name + suffix in names:
+                return os.path.join(root, name + suffix)
+    raise UsageError(f"{where} names the LoRA {name!r}, which --lora-dir {folder} does not hold (looked for "
+                     f"{name}{', '.join(LORA_SUFFIXES)}, in sub-folders too)")
+
+
+def _check_png_embeddings(png_path, png, loaded):
+    missing = [token for token in png.get("embeddings", []) if token not in loaded]
+    if missing:
+        raise UsageError(f"{png_path} was made with the embedding(s) {', '.join(map(repr, missing))}: pass each "
+                         "file with --embedding")
 
 
 def run_convert(args):
@@ -233,7 +397,9 @@ def run_convert(args):
 def check_generate_args(args):
     """Everything that can be checked before reading weights; raises `UsageError`, `FileNotFoundError` or
     `CheckpointError` with a one-line message."""
-    for option, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+    if args.prompt is None:
+        raise UsageError("give a prompt (or --from-png FILE to make an image again)")
+    for option, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--clip-skip", args.clip_skip)):
         if value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
     for option, value in (("--width", args.width), ("--height", args.height)):
@@ -249,6 +415,11 @@ def check_generate_args(args):
         if os.path.isdir(path):
             raise UsageError(f"cannot write {path!r}: it is a folder")
     _check_writable(os.path.dirname(os.path.abspath(args.out)))
+    if args.lora_dir is not None and not os.path.isdir(args.lora_dir):
+        raise UsageError(f"--lora-dir {args.lora_dir!r} is not a folder")
+    for path in args.embedding:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--embedding {path}: no such file")
     sources.source_kind(args.model)
     sources.check_revision(args.model, args.revision)
 

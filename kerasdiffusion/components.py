@@ -20,6 +20,7 @@ import keras
 
 from kerasdiffusion import backend
 from kerasdiffusion import config as C
+from kerasdiffusion.adapters import FusedLoras
 from kerasdiffusion import sources
 from kerasdiffusion.schedulers import SchedulerConfig
 from kerasdiffusion.text_encoder import build_text_encoder
@@ -54,6 +55,8 @@ class Components:
         vae_config: the autoencoder's `VAEConfig` (its ``scaling_factor`` scales latents).
         precision: the networks' dtype policy name.
         source: where the weights came from, for messages and image metadata.
+        loras: the LoRAs fused into the UNet's and text encoder's weights, with the originals they replaced
+            (shared by every pipeline over these networks; see `StableDiffusion.load_lora`).
     """
 
     tokenizer: CLIPTokenizer
@@ -66,6 +69,7 @@ class Components:
     vae_config: C.VAEConfig = C.SD_VAE
     precision: str = "float32"
     source: str = ""
+    loras: FusedLoras = dataclasses.field(default_factory=FusedLoras, compare=False, repr=False)
 
     def __post_init__(self):
         problems = _disagreements(self)

@@ -17,10 +17,11 @@ Example:
 import dataclasses
 import re
 
-# The names users pick a scheduler and a precision by (kept here, free of TensorFlow, so that the command
+# The names users pick a scheduler, a precision and a prompt syntax by (kept here, free of TensorFlow, so that the command
 # line can check its arguments before importing it).
 SCHEDULER_NAMES = ("ddim", "pndm", "lms", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PROMPT_SYNTAXES = ("plain", "a1111")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Mo
 
 import json
 import os
+import re
 import uuid
 
 import numpy as np
@@ -93,11 +94,23 @@ def _a1111_quote(value):
 
 
 def a1111_parameters(prompt, negative_prompt, steps, guidance, seed, scheduler, model_name, width, height,
-                     batch_size=1, batch_index=0):
+                     batch_size=1, batch_index=0, *, model_hash=None, clip_skip=1, prompt_syntax="a1111",
+                     lora_hashes=None, lora_scales=None, ti_hashes=None):
     """The ``parameters`` text AUTOMATIC1111's web UI writes into its PNGs, and reads back ("PNG Info").
 
     The prompt, a ``Negative prompt:`` line when there is one, then ``Steps: 50, Sampler: DDIM, CFG scale: 7.5,
-    Seed: 1, Size: 512x512, Model: name`` (plus ``Batch size`` and ``Batch pos`` for batches, as A1111 wrote them).
+    Seed: 1, Size: 512x512, Model hash: 6ce0161689, Model: name`` (plus ``Batch size`` and ``Batch pos`` for
+    batches, ``Clip skip`` above 1, ``Lora hashes`` and ``TI hashes`` as ``"name: hash, ..."``, as A1111 writes
+    them). Two fields of ours follow where they apply: ``Prompt syntax: plain`` (A1111 always reads its own
+    syntax) and ``Lora scales: "name: 0.8, ..."`` for LoRAs given outside the prompt (A1111's are ``<lora:...>``
+    tags in it).
+
+    Example:
+
+    >>> print(a1111_parameters("a fox", "", 20, 7, 1, "euler", "sd15", 512, 512, model_hash="6ce0161689",
+    ...                        clip_skip=2))
+    a fox
+    Steps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 6ce0161689, Model: sd15, Clip skip: 2
     """
     fields = {
         "Steps": steps,
@@ -105,36 +118,123 @@ def a1111_parameters(prompt, negative_prompt, steps, guidance, seed, scheduler, 
         "CFG scale": f"{guidance:g}",
         "Seed": seed,
         "Size": f"{width}x{height}",
+        "Model hash": model_hash,
         "Model": model_name,
         "Batch size": batch_size if batch_size > 1 else None,
         "Batch pos": batch_index if batch_size > 1 else None,
+        "Clip skip": clip_skip if clip_skip > 1 else None,
+        "Lora hashes": _a1111_list(lora_hashes),
+        "TI hashes": _a1111_list(ti_hashes),
+        "Prompt syntax": prompt_syntax if prompt_syntax != "a1111" else None,
+        "Lora scales": _a1111_list({name: f"{scale:g}" for name, scale in (lora_scales or {}).items()}),
     }
     settings = ", ".join(f"{key}: {_a1111_quote(value)}" for key, value in fields.items() if value is not None)
     negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{settings}".strip()
 
 
-def png_parameters(prompt, negative_prompt, steps, guidance, seed, scheduler, model, width, height, batch_size=1,
-                   batch_index=0, model_name=None):
-    """The text chunks of a generated image: one per parameter, plus A1111's ``parameters`` (see `a1111_parameters`).
+def _a1111_list(mapping):
+    """``{"a": 1, "b": 2}`` as A1111 lists them inside one field: ``a: 1, b: 2`` (None when empty)."""
+    return ", ".join(f"{key}: {value}" for key, value in mapping.items()) if mapping else None
 
-    ``model`` is the source as given; ``model_name`` the short name for A1111's ``Model:`` (default: ``model``).
+
+def png_parameters(prompt, negative_prompt, steps, guidance, seed, scheduler, model_name, width, height, batch_size=1,
+                   batch_index=0, **settings):
+    """The text chunks of a generated image: one per parameter, plus A1111's ``parameters`` (see `a1111_parameters`,
+    which takes the keyword ``settings`` too).
+
+    ``model_name`` is the model's short name (a file or folder name, or a Hub id), never a local path: a
+    shared image does not reveal its author's directories.
     """
     return {
-        "parameters": a1111_parameters(prompt, negative_prompt, steps, guidance, seed, scheduler,
-                                       model_name or model, width, height, batch_size, batch_index),
+        "parameters": a1111_parameters(prompt, negative_prompt, steps, guidance, seed, scheduler, model_name, width,
+                                       height, batch_size, batch_index, **settings),
         "prompt": prompt,
         "negative_prompt": negative_prompt or "",
         "steps": str(steps),
         "guidance": f"{guidance:g}",
         "seed": str(seed),
         "scheduler": scheduler,
-        "model": str(model),
+        "model": str(model_name),
         "width": str(width),
         "height": str(height),
         "batch_size": str(batch_size),
         "batch_index": str(batch_index),
+        "clip_skip": str(settings.get("clip_skip", 1)),
+        "prompt_syntax": settings.get("prompt_syntax", "a1111"),
     }
+
+
+# ----------------------------------------------------------------------------------- reading parameters back
+
+
+def read_png_text(path):
+    """A PNG's text chunks, ``{key: text}``.
+
+    Raises:
+        FileNotFoundError: no such file. OSError: not an image PIL can read.
+    """
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return dict(getattr(image, "text", {}) or {})
+
+
+# A1111's "Key: value" pairs of the settings line (modules/infotext_utils.py, re_param_code).
+_A1111_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# A1111's schedule types that make a sampler of ours out of a base sampler name.
+_SCHEDULE_TYPES = {("DPM++ 2M", "Karras"): "dpmpp_2m_karras"}
+
+
+def parse_a1111_parameters(text):
+    """A ``parameters`` text (ours or AUTOMATIC1111's) -> ``(prompt, negative_prompt, {field: value})``.
+
+    As A1111 reads it back: the last line holds the settings if it has at least three ``Key: value`` pairs;
+    the lines before are the prompt, up to a line starting ``Negative prompt:``. Quoted values are unquoted.
+
+    Example:
+
+    >>> parse_a1111_parameters('a fox\\nNegative prompt: blur\\nSteps: 20, Sampler: Euler a, Seed: 3')
+    ('a fox', 'blur', {'Steps': '20', 'Sampler': 'Euler a', 'Seed': '3'})
+    """
+    *lines, last = text.strip().split("\n")
+    if len(_A1111_FIELD.findall(last)) < 3:
+        lines, last = lines + [last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {}
+    for key, value in _A1111_FIELD.findall(last):
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = json.loads(value)
+        fields[key.strip()] = value
+    return "\n".join(prompt), "\n".join(negative), fields
+
+
+def parse_a1111_list(value):
+    """A1111's ``"a: 1, b: 2"`` list field -> ``{"a": "1", "b": "2"}``."""
+    pairs = (item.rsplit(":", 1) for item in (value or "").split(",") if item.strip())
+    return {name.strip(): entry.strip() for name, entry in pairs}
+
+
+def scheduler_from_a1111(sampler, schedule_type=None):
+    """Our scheduler name for an A1111 ``Sampler`` (and ``Schedule type``, as A1111 1.6 and later split them).
+
+    Raises:
+        ValueError: a sampler we do not have, naming the ones we do.
+    """
+    if (sampler, schedule_type) in _SCHEDULE_TYPES:
+        return _SCHEDULE_TYPES[(sampler, schedule_type)]
+    names = {a1111: ours for ours, a1111 in A1111_SAMPLERS.items()}
+    if sampler in names and schedule_type in (None, "", "Automatic"):
+        return names[sampler]
+    described = f"{sampler!r}" + (f" with schedule type {schedule_type!r}" if schedule_type else "")
+    raise ValueError(f"Unsupported sampler {described}; supported: {', '.join(A1111_SAMPLERS.values())}")
 
 
 def write_pngs(images, paths, texts):

@@ -13,17 +13,21 @@ Example:
 ((2, 512, 512, 3), dtype('uint8'))
 """
 
+import contextlib
+import dataclasses
 import os
+import warnings
 
 import numpy as np
 from keras import ops
 
-from kerasdiffusion import backend
+from kerasdiffusion import adapters, backend, prompts, seeds, sources
 from kerasdiffusion import images as I
 from kerasdiffusion import schedulers as S
-from kerasdiffusion import seeds, sources
 from kerasdiffusion.components import Components, check_precision, load_components
+from kerasdiffusion.config import PROMPT_SYNTAXES
 from kerasdiffusion.denoise import LOOPS, Conditioning, Denoiser, Keep
+from kerasdiffusion.text_encoder import skip_last_layers
 
 
 def _check_size(name, value):
@@ -36,6 +40,11 @@ def _check_positive(name, value):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def _texts(prompt):
+    """A prompt or a list of prompts, as a list."""
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
 def default_loop():
     """The loop mode for the current device: one program for the whole loop on TPU (where each program
     launch costs a host round trip), one per step elsewhere (a live progress bar; same speed on CPU)."""
@@ -45,6 +54,17 @@ def default_loop():
 def _check_loop(loop):
     if loop is not None and loop not in LOOPS:
         raise ValueError(f"loop must be one of {', '.join(LOOPS)} or None, got {loop!r}")
+
+
+def check_prompt_syntax(prompt_syntax):
+    if prompt_syntax not in PROMPT_SYNTAXES:
+        raise ValueError(f"prompt_syntax must be one of {', '.join(PROMPT_SYNTAXES)}, got {prompt_syntax!r}")
+
+
+def check_clip_skip(clip_skip):
+    if not isinstance(clip_skip, (int, np.integer)) or isinstance(clip_skip, bool) or clip_skip < 1:
+        raise ValueError(f"clip_skip must be an integer >= 1 (1: the last layer, AUTOMATIC1111's numbering), "
+                         f"got {clip_skip!r}")
 
 
 def _check_distribution(distribution):
@@ -66,6 +86,11 @@ class StableDiffusion:
         source: where the weights come from (see `from_pretrained`); the default is SD v1.5 from the Hub,
             loaded on first use, as in KerasCV.
         prediction_type: `"epsilon"` or `"v_prediction"`, overriding what the source's scheduler config says.
+        prompt_syntax: `"plain"` (the prompt as KerasCV and diffusers read it: one 77-token window, longer
+            prompts truncated with a warning) or `"a1111"` (AUTOMATIC1111's: `(emphasis:1.2)`, `[less]`,
+            `BREAK`, any length in 75-token chunks, `<lora:NAME:SCALE>` for LoRAs loaded under NAME).
+        clip_skip: the text encoder layer the UNet attends to, in AUTOMATIC1111's numbering: 1 the last,
+            2 the penultimate (diffusers' `clip_skip=1`). SD 1.x only.
         loop: `"steps"` (one compiled program per denoising step, with a live progress bar) or
             `"compiled"` (the whole loop in one program); `None` picks per device type. Same images.
         distribution: reserved for multi-device generation; only `None` (one device) for now.
@@ -82,16 +107,20 @@ class StableDiffusion:
     """
 
     def __init__(self, img_width=512, img_height=512, jit_compile=True, precision=None, scheduler="ddim",
-                 source=None, prediction_type=None, *, loop=None, distribution=None, revision=None, cache=None,
-                 progress=True):
+                 source=None, prediction_type=None, *, prompt_syntax="plain", clip_skip=1, loop=None,
+                 distribution=None, revision=None, cache=None, progress=True):
         _check_size("img_width", img_width)
         _check_size("img_height", img_height)
         check_precision(precision)
+        check_prompt_syntax(prompt_syntax)
+        check_clip_skip(clip_skip)
         _check_loop(loop)
         _check_distribution(distribution)
         backend.name()
         self.img_width, self.img_height = int(img_width), int(img_height)
         self.jit_compile = jit_compile
+        self.prompt_syntax = prompt_syntax
+        self.clip_skip = int(clip_skip)
         self.loop = loop
         self.source = os.fspath(source) if source is not None else sources.DEFAULT_MODEL
         sources.check_revision(self.source, revision)  # now, not at the lazy first load
@@ -102,29 +131,33 @@ class StableDiffusion:
 
     @classmethod
     def from_pretrained(cls, source, img_width=512, img_height=512, jit_compile=True, precision=None,
-                        scheduler="ddim", prediction_type=None, *, loop=None, distribution=None, revision=None,
-                        cache=None, progress=True):
+                        scheduler="ddim", prediction_type=None, *, prompt_syntax="plain", clip_skip=1, loop=None,
+                        distribution=None, revision=None, cache=None, progress=True):
         """Loads weights from a Hub id, a diffusers folder, a single `.safetensors`/`.ckpt` or a converted folder.
 
         `load_components` and `from_components` together. The family (SD 1.x, 2.x, 9-channel inpainting)
         and all sizes are read from the weights' shapes. `prediction_type` (`"epsilon"` /
         `"v_prediction"`) overrides what the source's scheduler config says. `revision` picks a Hub id's
         branch, tag or commit; `cache=False` neither reads nor writes the conversion cache (`None` follows
-        ``$KERASDIFFUSION_NO_CACHE``); `progress=False` hides the bars.
+        ``$KERASDIFFUSION_NO_CACHE``); `progress=False` hides the bars. `prompt_syntax` and `clip_skip` are
+        the constructor's.
 
         Example:
 
         >>> sd = StableDiffusion.from_pretrained("v1-5-pruned-emaonly.safetensors")   # doctest: +SKIP
         """
-        model = cls(img_width, img_height, jit_compile, precision, scheduler, source, prediction_type, loop=loop,
-                    distribution=distribution, revision=revision, cache=cache, progress=progress)
+        model = cls(img_width, img_height, jit_compile, precision, scheduler, source, prediction_type,
+                    prompt_syntax=prompt_syntax, clip_skip=clip_skip, loop=loop, distribution=distribution,
+                    revision=revision, cache=cache, progress=progress)
         model.components  # load now
         return model
 
     @classmethod
     def from_components(cls, components, img_width=512, img_height=512, jit_compile=True, scheduler="ddim", *,
-                        loop=None, distribution=None):
+                        prompt_syntax="plain", clip_skip=1, loop=None, distribution=None):
         """A pipeline over ready `Components` (from `load_components`, or networks of your own).
+
+        LoRAs are fused into the components' networks: pipelines sharing components share their LoRAs.
 
         Example:
 
@@ -134,17 +167,31 @@ class StableDiffusion:
         if not isinstance(components, Components):
             raise TypeError(f"from_components takes a Components, got {type(components).__name__}")
         model = cls(img_width, img_height, jit_compile, components.precision, scheduler, components.source or None,
-                    loop=loop, distribution=distribution)
+                    prompt_syntax=prompt_syntax, clip_skip=clip_skip, loop=loop, distribution=distribution)
         model._set_components(components)
         return model
 
     # Components, loaded on first use.
 
     def _set_components(self, components):
+        if self.clip_skip > 1 and components.family.name != "sd1":
+            raise ValueError(f"clip_skip={self.clip_skip} applies to SD 1.x only (AUTOMATIC1111 ignores it for "
+                             f"{components.family.name}, whose text encoder already stops at its penultimate layer)")
         self._components = components
+        self._base_tokenizer = components.tokenizer
+        self._base_rows = components.text_encoder.get_layer("token_embedding").input_dim
+        self._embeddings = {}  # textual-inversion token -> vectors [n, D], in loading order
         self._denoiser = Denoiser(components.diffusion_model, self.jit_compile)
         self._programs = {}
+        self._set_text_side(components.tokenizer, components.text_encoder)
         self._scheduler = self._scheduler.for_checkpoint(components.scheduler_config)
+
+    def _set_text_side(self, tokenizer, text_encoder):
+        """A new tokenizer and text encoder (textual inversion); the UNet, the VAE and their programs stay."""
+        if (tokenizer, text_encoder) != (self._components.tokenizer, self._components.text_encoder):
+            self._components = dataclasses.replace(self._components, tokenizer=tokenizer, text_encoder=text_encoder)
+        self._context_encoder = skip_last_layers(text_encoder, self.clip_skip - 1)
+        self._programs.pop("text_encoder", None)
 
     @property
     def components(self):
@@ -159,7 +206,9 @@ class StableDiffusion:
 
     @property
     def text_encoder(self):
-        return self.components.text_encoder
+        """Token ids ``[B, 77]`` -> the context the UNet attends to (with `clip_skip`, an earlier layer's)."""
+        self.components
+        return self._context_encoder
 
     @property
     def diffusion_model(self):
@@ -196,11 +245,133 @@ class StableDiffusion:
         counts add to it."""
         return self._denoiser.trace_count if self._components is not None else 0
 
+    # Adapters: LoRAs fused into the weights, textual-inversion tokens.
+
+    def load_lora(self, source, scale=1.0, name=None, *, weight_name=None):
+        """Fuses a LoRA into the UNet and text encoder weights; returns the name it is loaded under.
+
+        Reads kohya / AUTOMATIC1111 files (``lora_unet_*``, ``lora_te_*``, ``.alpha``, LoCon / LyCORIS
+        convolution LoRAs) and diffusers / PEFT ones (``unet.*.lora_A`` / ``lora_B``, ``text_encoder.*``, with
+        or without alphas), for SD 1.x and 2.x. Each adapted kernel becomes ``original + Σ scale · delta`` over
+        the LoRAs loaded: no program is traced again and generation costs what it did without. Loading is
+        strict: keys that map to nothing and shapes that do not fit (an SD 2.x LoRA on an SD 1.x model) are
+        named in one `CheckpointError`, and nothing changes.
+
+        Args:
+            source: a LoRA file (``.safetensors``, or a pickled ``.bin`` / ``.pt``), a folder holding
+                ``weight_name``, or a Hub id.
+            scale: the LoRA's multiplier (AUTOMATIC1111's ``<lora:NAME:SCALE>``).
+            name: what to call it; default the file's name without its suffix (for a folder or a Hub id, its
+                name). In ``prompt_syntax="a1111"``, ``<lora:NAME:SCALE>`` in a prompt sets its scale for a call.
+            weight_name: the file in a Hub repository or folder (default ``pytorch_lora_weights.safetensors``).
+
+        Example:
+
+        >>> name = sd.load_lora("watercolor.safetensors", scale=0.8)                 # doctest: +SKIP
+        >>> sd.text_to_image("a fox, watercolor", seed=1)
+        >>> sd.unload_lora(name)
+        """
+        path = adapters.adapter_file(source, weight_name, adapters.LORA_WEIGHT_NAME)
+        name = name or adapters.source_name(source, path)
+        if name in self._lora_state():
+            raise ValueError(f"A LoRA named {name!r} is already loaded: unload it first, or pass another name=")
+        updates = adapters.read_lora_updates(path, self.components)
+        self._lora_state().add(name, updates, {"unet": float(scale), "text_encoder": float(scale)}, self.components)
+        return name
+
+    def set_lora_scale(self, name, scale, *, unet_scale=None):
+        """Changes a loaded LoRA's multiplier (``unet_scale``, if given, for the UNet alone), in place.
+
+        Example:
+
+        >>> sd.set_lora_scale("watercolor", 0.5)                                       # doctest: +SKIP
+        """
+        scales = {"text_encoder": float(scale), "unet": float(scale if unet_scale is None else unet_scale)}
+        self._lora_state().set_scales(name, scales, self.components)
+
+    def unload_lora(self, name):
+        """Removes a LoRA; every kernel no other LoRA adapts gets its original value back, bit for bit.
+
+        Example:
+
+        >>> sd.unload_lora("watercolor")                                               # doctest: +SKIP
+        """
+        self._lora_state().remove(name, self.components)
+
+    @property
+    def loras(self):
+        """``{name: scale}`` of the LoRAs loaded, in loading order (the text encoder's scale)."""
+        return {name: self._lora_state().scales(name)["text_encoder"] for name in self._lora_state().loras}
+
+    def _lora_state(self):
+        return self.components.loras
+
+    def load_textual_inversion(self, source, token=None, *, weight_name=None):
+        """Adds a textual-inversion embedding: its token, in a prompt, stands for its learned vectors.
+
+        Reads AUTOMATIC1111 embeddings (``.pt``, through a restricted unpickler that runs nothing of the file,
+        or ``.safetensors``; one or several vectors) and diffusers' ``learned_embeds.{bin,safetensors}``. The
+        tokenizer and the text encoder are rebuilt with the new token (its other weights, fused LoRAs
+        included, copied); the UNet and its compiled programs stay.
+
+        Args:
+            source: an embedding file, a folder holding ``weight_name``, or a Hub id.
+            token: the word to write in prompts; default the file's own token (diffusers' key, A1111's
+                ``name``), else the file's name without its suffix (as AUTOMATIC1111 names it).
+            weight_name: the file in a Hub repository or folder (default ``learned_embeds.safetensors``).
+
+        Returns:
+            The token.
+
+        Raises:
+            ValueError: a token that is already a word of the vocabulary or already added.
+            CheckpointError: not an embedding, or one for another text encoder width.
+
+        Example:
+
+        >>> sd.load_textual_inversion("EasyNegative.safetensors")                     # doctest: +SKIP
+        'EasyNegative'
+        >>> sd.text_to_image("a portrait", negative_prompt="EasyNegative")
+        """
+        path = adapters.adapter_file(source, weight_name, adapters.EMBEDDING_WEIGHT_NAME)
+        width = self.components.text_encoder.outputs[0].shape[-1]
+        token, vectors = adapters.read_embedding(path, token, width)
+        if token in self._embeddings:
+            raise ValueError(f"Token {token!r} is already added: unload it first, or pick another")
+        self._set_embeddings({**self._embeddings, token: vectors})
+        return token
+
+    def unload_textual_inversion(self, token=None):
+        """Removes a textual-inversion token (``None``: all of them); the tokenizer and text encoder are as before.
+
+        Example:
+
+        >>> sd.unload_textual_inversion("EasyNegative")                               # doctest: +SKIP
+        """
+        self.components
+        if token is not None and token not in self._embeddings:
+            loaded = ", ".join(map(repr, self._embeddings)) or "none"
+            raise KeyError(f"No textual-inversion token {token!r} is loaded (loaded: {loaded})")
+        self._set_embeddings({} if token is None else {t: v for t, v in self._embeddings.items() if t != token})
+
+    @property
+    def embeddings(self):
+        """The textual-inversion tokens loaded, with their number of vectors."""
+        self.components
+        return {token: len(vectors) for token, vectors in self._embeddings.items()}
+
+    def _set_embeddings(self, embeddings):
+        parts = self.components
+        tokenizer, text_encoder = adapters.with_embeddings(self._base_tokenizer, parts.text_encoder, self._base_rows,
+                                                           embeddings, parts.family, parts.precision)
+        self._embeddings = dict(embeddings)
+        self._set_text_side(tokenizer, text_encoder)
+
     # Compiled networks.
 
     def _network_call(self, name):
         if name not in self._programs:
-            model = self.components.networks[name]
+            model = self.text_encoder if name == "text_encoder" else self.components.networks[name]
             self._programs[name] = backend.compile_function(lambda x: model(x, training=False), model.weights,
                                                             self.jit_compile)
         return self._programs[name]
@@ -208,8 +379,15 @@ class StableDiffusion:
     def encode_text(self, prompt):
         """Encodes a prompt (or a list of prompts) into the context the UNet attends to.
 
+        With ``prompt_syntax="plain"`` a prompt is one 77-token window (longer ones are truncated, with a
+        warning naming the words dropped). With ``"a1111"`` it is read as AUTOMATIC1111 reads it: emphasis
+        weights scale the encoder output per token (the mean then restored), and ``BREAK`` or every 75 tokens
+        starts a new 77-token chunk, each encoded alone and all concatenated; ``<lora:NAME:SCALE>`` tags are
+        cut out, and set the scales of LoRAs loaded under those names while encoding.
+
         Returns:
-            A float32 tensor `[1, 77, D]` for a string, `[len(prompt), 77, D]` for a list.
+            A float32 tensor `[1, 77, D]` for a string, `[len(prompt), 77, D]` for a list; with `"a1111"`,
+            `[.., 77k, D]` for prompts of k chunks (shorter prompts of a list padded with empty chunks).
 
         Example:
 
@@ -217,8 +395,56 @@ class StableDiffusion:
         >>> context.shape
         TensorShape([1, 77, 768])
         """
-        tokens = ops.convert_to_tensor(self.tokenizer(prompt), "int32")
+        texts = _texts(prompt)
+        with self._prompt_loras(texts):
+            return self._encode(texts)
+
+    def _encode(self, texts):
+        """Prompts -> contexts, in this pipeline's prompt syntax (LoRA tags are `_prompt_loras`' business)."""
+        tokenizer = self.tokenizer
+        if self.prompt_syntax == "plain":
+            return self._run_text_encoder(np.stack([self._plain_ids(text) for text in texts]))
+        texts = [prompts.extract_loras(text)[0] for text in texts]
+        # AUTOMATIC1111: every 75-token chunk through the encoder alone, weighted, then side by side.
+        ids, multipliers = prompts.chunk_prompts(tokenizer, texts, expansions=tokenizer.expansions)
+        _, chunks, window = ids.shape
+        z = self._run_text_encoder(ids.reshape(-1, window))
+        return prompts.join_chunks(prompts.apply_emphasis(z, multipliers.reshape(-1, window)), chunks)
+
+    def _plain_ids(self, text):
+        ids, dropped = prompts.plain_prompt_ids(self.tokenizer, text, self.tokenizer.expansions)
+        if dropped:
+            warnings.warn(f"The prompt is longer than the text encoder's {self.tokenizer.max_length} tokens; these "
+                          f"words were dropped: {dropped!r}. prompt_syntax='a1111' reads prompts of any length.",
+                          stacklevel=4)
+        return ids
+
+    def _run_text_encoder(self, ids):
+        tokens = ops.convert_to_tensor(np.asarray(ids, np.int32))
         return ops.cast(self._network_call("text_encoder")(tokens), "float32")
+
+    @contextlib.contextmanager
+    def _prompt_loras(self, texts):
+        """With ``prompt_syntax="a1111"``: the scales of the prompts' ``<lora:NAME:SCALE>`` tags, for one call."""
+        if self.prompt_syntax != "a1111":
+            yield
+            return
+        tags = [tag for text in texts for tag in prompts.extract_loras(text)[1]]
+        state = self._lora_state()
+        missing = sorted({tag.name for tag in tags if tag.name not in state})
+        if missing:
+            raise ValueError(f"The prompt names LoRAs that are not loaded: {', '.join(missing)}; load each first with "
+                             "sd.load_lora(path, name=NAME) (on the command line: --lora-dir)")
+        wanted = {tag.name: {"text_encoder": tag.scale, "unet": tag.unet_scale} for tag in tags}
+        before = {name: state.scales(name) for name in wanted}
+        changed = [name for name in wanted if wanted[name] != before[name]]
+        for name in changed:
+            state.set_scales(name, wanted[name], self.components)
+        try:
+            yield
+        finally:
+            for name in changed:
+                state.set_scales(name, before[name], self.components)
 
     def _decode(self, latents):
         scale = self.components.vae_config.scaling_factor
@@ -259,7 +485,8 @@ class StableDiffusion:
     def _repeat_context(self, context, batch_size, what):
         context = ops.cast(ops.convert_to_tensor(context), "float32")
         if len(context.shape) != 3:
-            raise ValueError(f"{what} must be [1, 77, D] or [batch_size, 77, D], got shape {tuple(context.shape)}")
+            raise ValueError(f"{what} must be [1, 77, D] or [batch_size, 77, D] (77k with prompt_syntax='a1111'), "
+                             f"got shape {tuple(context.shape)}")
         if context.shape[0] == 1:
             return ops.repeat(context, batch_size, axis=0)
         if context.shape[0] != batch_size:
@@ -269,7 +496,27 @@ class StableDiffusion:
     def _unconditional(self, negative_prompt, batch_size):
         if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) not in (1, batch_size):
             raise ValueError(f"{len(negative_prompt)} negative prompts given but batch_size={batch_size}")
-        return self._repeat_context(self.encode_text(negative_prompt or ""), batch_size, "negative prompt")
+        return self._repeat_context(self._encode(_texts(negative_prompt or "")), batch_size, "negative prompt")
+
+    def _contexts(self, context, negative_prompt, batch_size, what):
+        """The prompt's and the negative prompt's contexts, the shorter padded to the longer's length."""
+        context = self._repeat_context(context, batch_size, what)
+        unconditional = self._unconditional(negative_prompt, batch_size)
+        length = max(context.shape[1], unconditional.shape[1])
+        return self._padded(context, length), self._padded(unconditional, length)
+
+    def _padded(self, context, length):
+        """``context`` extended to ``length`` tokens with the empty prompt's encoding, a 77-token window at a time
+        (AUTOMATIC1111 pads the prompt and the negative prompt to the same number of chunks this way)."""
+        missing, window = length - context.shape[1], self.tokenizer.max_length
+        if missing == 0:
+            return context
+        if missing % window:
+            raise ValueError(f"Cannot pad a context of {context.shape[1]} tokens to the other's {length}: both must "
+                             f"be multiples of {window} tokens")
+        empty = self._run_text_encoder(self.tokenizer([""]))
+        padding = ops.tile(empty, (context.shape[0], missing // window, 1))
+        return ops.concatenate([context, padding], axis=1)
 
     def _check_common(self, num_steps, unconditional_guidance_scale):
         _check_positive("num_steps", num_steps)
@@ -295,7 +542,8 @@ class StableDiffusion:
         """Generates images from encoded text (`encode_text`'s output), as in KerasCV.
 
         Args:
-            encoded_text: `[1, 77, D]` (repeated to `batch_size`) or `[batch_size, 77, D]`.
+            encoded_text: `[1, 77, D]` (repeated to `batch_size`) or `[batch_size, 77, D]`; with
+                `prompt_syntax="a1111"`, 77k tokens (the negative prompt's encoding is padded to match).
             negative_prompt: a string or list of strings the guidance steers away from; `None` is "".
             batch_size: number of images.
             num_steps: number of scheduler steps.
@@ -317,8 +565,7 @@ class StableDiffusion:
         _check_positive("batch_size", batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
         seed = seeds.check_seed(seed)
-        context = self._repeat_context(encoded_text, batch_size, "encoded_text")
-        unconditional = self._unconditional(negative_prompt, batch_size)
+        context, unconditional = self._contexts(encoded_text, negative_prompt, batch_size, "encoded_text")
         noise = self._noise(diffusion_noise, self._latent_shape(batch_size, self.img_height, self.img_width), seed)
         plan = self.scheduler.plan(num_steps)
         latents = self._denoise(noise * plan.init_noise_sigma, context, unconditional, unconditional_guidance_scale,
@@ -340,8 +587,10 @@ class StableDiffusion:
         batch_size = self._resolve_batch(prompt, batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
         seeds.check_seed(seed)
-        return self.generate_image(self.encode_text(prompt), negative_prompt, batch_size, num_steps,
-                                   unconditional_guidance_scale, seed=seed, verbose=verbose)
+        texts = _texts(prompt)
+        with self._prompt_loras(texts):
+            return self.generate_image(self._encode(texts), negative_prompt, batch_size, num_steps,
+                                       unconditional_guidance_scale, seed=seed, verbose=verbose)
 
     def image_to_image(self, prompt, image, strength=0.8, negative_prompt=None, batch_size=1, num_steps=50,
                        unconditional_guidance_scale=7.5, diffusion_noise=None, seed=None, verbose=True):
@@ -370,11 +619,11 @@ class StableDiffusion:
         if start == len(plan.timesteps):
             return self._decode(init_latents)
         latents = ops.convert_to_numpy(self.scheduler.add_noise(plan, init_latents, noise, start))
-        context = self._repeat_context(self.encode_text(prompt), batch_size, "prompt")
-        unconditional = self._unconditional(negative_prompt, batch_size)
-        latents = self._denoise(latents, context, unconditional, unconditional_guidance_scale, plan, seed, start=start,
-                                verbose=verbose)
-        return self._decode(latents)
+        with self._prompt_loras(_texts(prompt)):
+            context, unconditional = self._contexts(self._encode(_texts(prompt)), negative_prompt, batch_size, "prompt")
+            latents = self._denoise(latents, context, unconditional, unconditional_guidance_scale, plan, seed,
+                                    start=start, verbose=verbose)
+            return self._decode(latents)
 
     def inpaint(self, prompt, image, mask, negative_prompt=None, batch_size=1, num_steps=50,
                 unconditional_guidance_scale=7.5, diffusion_noise=None, seed=None, verbose=True):
@@ -407,11 +656,12 @@ class StableDiffusion:
             extra_channels = np.concatenate([latent_mask, masked], axis=-1)
         else:
             keep = Keep(latent_mask, self._encode_images(pixels), noise)
-        context = self._repeat_context(self.encode_text(prompt), batch_size, "prompt")
-        unconditional = self._unconditional(negative_prompt, batch_size)
-        latents = self._denoise(noise * plan.init_noise_sigma, context, unconditional, unconditional_guidance_scale,
-                                plan, seed, extra_channels=extra_channels, keep=keep, verbose=verbose)
-        return self._decode(latents)
+        with self._prompt_loras(_texts(prompt)):
+            context, unconditional = self._contexts(self._encode(_texts(prompt)), negative_prompt, batch_size, "prompt")
+            latents = self._denoise(noise * plan.init_noise_sigma, context, unconditional,
+                                    unconditional_guidance_scale, plan, seed, extra_channels=extra_channels, keep=keep,
+                                    verbose=verbose)
+            return self._decode(latents)
 
     def _image_input(self, image, batch_size):
         pixels = I.from_uint8(image, batch_size)

@@ -33,9 +33,7 @@ Example:
 import re
 import typing
 
-import keras
 import numpy as np
-from keras import ops
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1  # A1111 multiplies by 1 / 1.1 rather than dividing by 1.1; the last bit differs
@@ -294,6 +292,9 @@ def apply_emphasis(z, multipliers):
         z: the encoder output of the chunks, ``[N, 77, D]``.
         multipliers: ``[N, 77]``, from `chunk_prompt` / `chunk_prompts` (reshaped to ``[N, 77]``).
     """
+    import keras  # here, not at the top: the command line reads LoRA tags before TensorFlow is imported
+    from keras import ops
+
     dtype = keras.backend.standardize_dtype(z.dtype)
     z = ops.cast(z, "float32")
     weighted = z * ops.cast(multipliers, "float32")[..., None]
@@ -304,6 +305,8 @@ def apply_emphasis(z, multipliers):
 
 def join_chunks(z, num_chunks):
     """``[B * k, 77, D]`` chunk encodings (prompt-major) -> ``[B, 77k, D]``, each prompt's chunks in a row."""
+    from keras import ops
+
     return ops.reshape(z, (-1, num_chunks * z.shape[1], z.shape[2]))
 
 

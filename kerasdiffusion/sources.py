@@ -15,6 +15,7 @@ Example:
 (True, False)
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -401,3 +402,88 @@ def hub_error(repo_id, error):
 def _first_line(error):
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+# ------------------------------------------------------------------------------------------- short hashes
+# What AUTOMATIC1111 writes in an image's "parameters" to name the files it used, so that a shared image names
+# its model, LoRAs and embeddings without the author's directories.
+
+MODEL_HASH_LENGTH = 10  # A1111's "Model hash": the first 10 hex digits of the checkpoint file's sha256
+ADAPTER_HASH_LENGTH = 12  # A1111's "Lora hashes" and "TI hashes": the first 12
+HASHES_FILE = "hashes.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def model_hash(source, use_cache=None):
+    """The short hash of a model's weights, as AUTOMATIC1111's ``Model hash`` names a checkpoint.
+
+    A file: the first 10 hex digits of its sha256 (A1111's own, so a checkpoint has the same hash there).
+    A folder (diffusers or converted): of the sha256 of the text of lines ``"<relative path> <sha256>\\n"``, one
+    per weight file (``.safetensors``, ``.bin``, ``.ckpt``, ``.pt``, ``.pth``), sorted by path. A Hub id: None
+    (the id names it). Full hashes are cached by the file's cache key (`file_key`) while the cache is on
+    (``use_cache`` as for `resolve`).
+    """
+    source = os.fspath(source)
+    if is_hub_id(source):
+        return None
+    if os.path.isfile(source):
+        return _sha256(source, use_cache=use_cache)[:MODEL_HASH_LENGTH]
+    lines = [f"{os.path.relpath(file, source).replace(os.sep, '/')} {_sha256(file, use_cache=use_cache)}\n"
+             for file in _files_under(source) if file.endswith(WEIGHT_SUFFIXES)]
+    return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()[:MODEL_HASH_LENGTH]
+
+
+def lora_hash(path, use_cache=None):
+    """A LoRA's short hash as A1111 writes it in ``Lora hashes``: for a ``.safetensors`` file the sha256 of what
+    follows its header (kohya's "addnet" hash, which metadata edits do not change), else of the whole file."""
+    path = os.fspath(path)
+    skip = 0
+    if path.endswith(".safetensors"):
+        with open(path, "rb") as f:
+            skip = 8 + int.from_bytes(f.read(8), "little")
+    return _sha256(path, skip, use_cache)[:ADAPTER_HASH_LENGTH]
+
+
+def embedding_hash(path, use_cache=None):
+    """An embedding's short hash as A1111 writes it in ``TI hashes``: the file's sha256."""
+    return _sha256(os.fspath(path), use_cache=use_cache)[:ADAPTER_HASH_LENGTH]
+
+
+def _sha256(path, skip=0, use_cache=None):
+    """The sha256 of a file's bytes from ``skip`` on, from the hash cache when it holds the file's key."""
+    key = f"{file_key(path)}:{skip}"
+    cache_file = os.path.join(cache_dir(), HASHES_FILE)
+    known = _read_hashes(cache_file) if cache_enabled(use_cache) else {}
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(skip)
+        for block in iter(lambda: f.read(EDGE_BYTES), b""):
+            digest.update(block)
+    if cache_enabled(use_cache):
+        _write_hashes(cache_file, {**_read_hashes(cache_file), key: digest.hexdigest()})
+    return digest.hexdigest()
+
+
+def _read_hashes(cache_file):
+    try:
+        with open(cache_file, encoding="utf-8") as f:
+            hashes = json.load(f)
+        return hashes if isinstance(hashes, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_hashes(cache_file, hashes):
+    """Writes the hash cache in one rename; a failure costs only the caching."""
+    staging = f"{cache_file}.{uuid.uuid4().hex}.tmp"
+    try:
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        with open(staging, "w", encoding="utf-8") as f:
+            json.dump(hashes, f)
+        os.replace(staging, cache_file)
+    except OSError as error:
+        logger.debug("Could not write the hash cache %s: %s", cache_file, error)
+        with contextlib.suppress(OSError):
+            os.remove(staging)

@@ -73,3 +73,34 @@ def build_text_encoder(config, dtype=None, name="text_encoder"):
         x = _encoder_layer(x, config, i, dtype)
     x = layer_norm(config.epsilon, "final_norm", dtype)(x)
     return keras.Model(tokens, x, name=name)
+
+
+def num_layers(text_encoder):
+    """How many transformer layers a text encoder built by `build_text_encoder` has."""
+    return sum(1 for layer in text_encoder.layers if layer.name.endswith("_norm1") and layer.name.startswith("layer"))
+
+
+def skip_last_layers(text_encoder, count):
+    """The same text encoder, its output taken ``count`` layers before the last, through the final layer norm.
+
+    AUTOMATIC1111's "clip skip" (``CLIP_stop_at_last_layers = count + 1``) and diffusers' ``clip_skip=count``:
+    the hidden state after layer ``L - count`` rather than ``L``. The returned model shares every weight with
+    ``text_encoder`` (a LoRA fused into one is fused into both) and is the model itself for ``count == 0``.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from kerasdiffusion.config import TextEncoderConfig
+    >>> full = build_text_encoder(TextEncoderConfig(vocab_size=100, width=64, num_layers=3, num_heads=1, mlp_dim=128))
+    >>> skip_last_layers(full, 1)(np.zeros((1, 77), "int32")).shape
+    TensorShape([1, 77, 64])
+    """
+    layers = num_layers(text_encoder)
+    if not 0 <= count < layers:
+        raise ValueError(f"Cannot skip {count} of the text encoder's {layers} layers")
+    if count == 0:
+        return text_encoder
+    # What enters layer i's first norm is the residual stream after layers 0 .. i-1.
+    hidden = text_encoder.get_layer(f"layer{layers - count}_norm1").input
+    output = text_encoder.get_layer("final_norm")(hidden)
+    return keras.Model(text_encoder.input, output, name=f"{text_encoder.name}_skip{count}")

@@ -122,6 +122,8 @@ class CLIPTokenizer:
         added_tokens: optional dict from token text to its "normalized" flag: the tokens cut out of the
             text before BPE. A normalized one is also found in upper case, since it is matched after
             lower-casing. Defaults to the start, end and pad tokens, none normalized, as in transformers.
+        expansions: optional dict from a token id to the ids it stands for in `__call__` (a textual
+            inversion's vectors); see `with_added_tokens`.
 
     Example:
     >>> tok = CLIPTokenizer()
@@ -133,7 +135,8 @@ class CLIPTokenizer:
     'a photo of a cat'
     """
 
-    def __init__(self, vocab=None, merges=None, *, pad_token=END_TOKEN, max_length=77, added_tokens=None):
+    def __init__(self, vocab=None, merges=None, *, pad_token=END_TOKEN, max_length=77, added_tokens=None,
+                 expansions=None):
         if (vocab is None) != (merges is None):
             raise ValueError("Pass both `vocab` and `merges`, or neither to use CLIP's vocabulary.")
         if vocab is None:
@@ -142,7 +145,8 @@ class CLIPTokenizer:
             raise ValueError(f"`max_length` must leave room for the start and end tokens, got {max_length}.")
         self.encoder = dict(vocab)
         self.decoder = {i: token for token, i in self.encoder.items()}
-        self.bpe_ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
+        self.merges = [tuple(pair) for pair in merges]
+        self.bpe_ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.max_length = max_length
@@ -156,6 +160,7 @@ class CLIPTokenizer:
         self.pad_token = pad_token
         self.pad_token_id = self.encoder[pad_token]
         self.added_tokens = dict(added_tokens)
+        self.expansions = {int(i): [int(j) for j in ids] for i, ids in (expansions or {}).items()}
         self._raw_special = self._special_pattern(t for t, normalized in added_tokens.items() if not normalized)
         self._normalized_special = self._special_pattern(
             self._normalize(t) for t, normalized in added_tokens.items() if normalized
@@ -213,6 +218,50 @@ class CLIPTokenizer:
         """Number of ids, the text encoder's embedding rows."""
         return len(self.encoder)
 
+    def with_added_tokens(self, tokens, first_id=None):
+        """A new tokenizer that also knows ``tokens`` (``{token: number of vectors}``), as textual inversion adds them.
+
+        Each token gets the next free id (from ``first_id``, default the first after the vocabulary's) and,
+        for n > 1 vectors, diffusers' names ``token_1`` ... ``token_{n-1}`` the ids after it; all are added
+        tokens (never split by BPE, matched after lower-casing, as transformers' ``add_tokens`` makes them),
+        and `__call__` expands the token to its n ids in place.
+
+        Raises:
+            ValueError: a token (or one of its ``token_i``) that is already a word of the vocabulary, with or
+                without the end-of-word marker, or already added.
+
+        Example:
+        >>> tok = CLIPTokenizer().with_added_tokens({"<my-style>": 3})
+        >>> ids = tok("a <my-style> cat")[0]
+        >>> [tok.decoder[int(i)] for i in ids[2:5]]
+        ['<my-style>', '<my-style>_1', '<my-style>_2']
+        """
+        vocab, added, expansions = dict(self.encoder), dict(self.added_tokens), dict(self.expansions)
+        next_id = max(self.decoder) + 1 if first_id is None else first_id
+        if next_id <= max(self.decoder):
+            raise ValueError(f"first_id={first_id} is taken: the vocabulary's ids go up to {max(self.decoder)}")
+        for token, count in tokens.items():
+            names = [token] + [f"{token}_{i}" for i in range(1, count)]
+            for name in names:
+                self._check_new_token(name, vocab)
+            ids = list(range(next_id, next_id + count))
+            vocab.update(zip(names, ids))
+            added.update({name: True for name in names})
+            if count > 1:
+                expansions[ids[0]] = ids
+            next_id += count
+        return CLIPTokenizer(vocab, self.merges, pad_token=self.pad_token, max_length=self.max_length,
+                             added_tokens=added, expansions=expansions)
+
+    def _check_new_token(self, token, vocab):
+        if not token or token != token.strip():
+            raise ValueError(f"Token {token!r} must be a non-empty word without surrounding spaces")
+        for name in dict.fromkeys((token, self._normalize(token))):
+            if name in self.added_tokens or (name in vocab and name not in self.encoder):
+                raise ValueError(f"Token {token!r} is already added ({name!r}): unload it first, or pick another")
+            if name in vocab or name + END_OF_WORD in vocab:
+                raise ValueError(f"Token {token!r} collides with the word {name!r} of the vocabulary: pick another")
+
     def encode(self, text):
         """Tokenizes one text into ids, with start and end tokens, neither truncated nor padded.
 
@@ -262,11 +311,15 @@ class CLIPTokenizer:
             texts = [texts]
         rows = np.full((len(texts), self.max_length), self.pad_token_id, dtype=np.int32)
         for row, text in zip(rows, texts):
-            ids = self.encode(text)
+            ids = self.expand(self.encode(text))
             if len(ids) > self.max_length:
                 ids = ids[: self.max_length - 1] + [self.end_token_id]
             row[: len(ids)] = ids
         return rows
+
+    def expand(self, ids):
+        """``ids`` with every multi-vector token replaced by its ids (see `with_added_tokens`)."""
+        return [j for i in ids for j in self.expansions.get(i, [i])]
 
     def decode(self, ids, skip_special_tokens=True):
         """Turns ids back into text; end-of-word markers become spaces.

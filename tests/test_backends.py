@@ -16,8 +16,8 @@ import pytest
 
 from tests import reference as R
 
-# What runs on both backends: schedulers, networks, the pipeline, mixed precision, the command line, the
-# notebooks' code paths, and one full-size network.
+# What runs on both backends: schedulers, networks, the pipeline, mixed precision, the command line, LoRAs and
+# the other adapters, the notebooks' code paths, and one full-size network.
 JAX_SUITES = {
     "schedulers": ["tests/test_schedulers.py"],
     "networks": ["tests/test_networks.py"],
@@ -25,6 +25,7 @@ JAX_SUITES = {
     "pipeline": ["tests/test_pipeline.py"],
     "precision": ["tests/test_precision.py"],
     "cli": ["tests/test_cli.py"],
+    "adapters": ["tests/test_adapters.py"],
     "notebooks": ["tests/test_notebooks.py", "-k", "text_to_image"],
     "full_size_unet": ["tests/test_full_size.py::test_full_unet"],
 }

@@ -4,6 +4,7 @@ Only two commands run in a child process (each pays for importing TensorFlow); t
 with stdout and stderr captured at the file-descriptor level.
 """
 
+import hashlib
 import os
 import random
 import re
@@ -13,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import save_file
 
 from kerasdiffusion import SCHEDULER_NAMES, images, sources
 from kerasdiffusion.cli import main, output_paths
@@ -22,6 +24,7 @@ PROMPT = "a red cube, on a table"
 NEGATIVE = "blurry, low quality"
 TINY = ["--steps", "2", "--width", "64", "--height", "64", "--precision", "float32", "--no-xla", "--quiet"]
 SETTINGS = [*TINY, "--negative-prompt", NEGATIVE, "--scheduler", "euler_ancestral"]
+RUN = ["--precision", "float32", "--no-xla", "--quiet"]  # what --from-png does not set
 # What TensorFlow's C++ side prints by itself while it starts (it cannot be turned off from Python).
 TF_STARTUP_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IWE]\d{4} |To enable the following)")
 
@@ -84,10 +87,11 @@ def test_generate_writes_a_batch_of_pngs_with_their_parameters(batch, model):
         pixels.append(array)
         assert text == {
             "parameters": f"{PROMPT}\nNegative prompt: {NEGATIVE}\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, "
-                          f"Seed: 1, Size: 64x64, Model: tiny-sd, Batch size: 2, Batch pos: {index}",
+                          f"Seed: 1, Size: 64x64, Model hash: {folder_hash(model)}, Model: tiny-sd, Batch size: 2, "
+                          f"Batch pos: {index}",
             "prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": "2", "guidance": "7.5", "seed": "1",
-            "scheduler": "euler_ancestral", "model": str(model), "width": "64", "height": "64",
-            "batch_size": "2", "batch_index": str(index),
+            "scheduler": "euler_ancestral", "model": "tiny-sd", "width": "64", "height": "64",
+            "batch_size": "2", "batch_index": str(index), "clip_skip": "1", "prompt_syntax": "a1111",
         }
     assert np.abs(pixels[0].astype(int) - pixels[1].astype(int)).mean() > 1
 
@@ -108,7 +112,8 @@ def test_convert_then_generate_from_the_converted_folder(batch, model, tmp_path,
     assert run_here(["generate", PROMPT, "--model", converted, "--out", out, *SETTINGS, "--seed", "1"]) == 0
     pixels, text = read_png(out)
     assert_same_image(pixels, read_png(batch / "out-0.png")[0])
-    assert text["model"] == str(converted) and "Model: converted" in text["parameters"]
+    assert text["model"] == "converted" and "Model: converted" in text["parameters"]
+    assert str(tmp_path) not in str(text)  # no local path in a shared image
     assert error_lines(capfd.readouterr().err) == []
 
 
@@ -205,6 +210,189 @@ def test_help_explains_with_examples(capsys):
     for option in ("--model", "--negative-prompt", "--steps", "--guidance", "--seed", "--batch-size",
                    "--scheduler", "--precision", "--no-xla", "DPM++ 2M Karras", "Euler a"):
         assert option in text
+
+
+# ------------------------------------------------------------------- LoRAs, embeddings, clip skip, --from-png
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def folder_hash(folder):
+    """Our "Model hash" of a folder, as the README defines it: the sha256 of "<path> <sha256>\\n" lines of its weight
+    files, sorted, first 10 hex digits."""
+    lines = sorted(f"{file.relative_to(folder).as_posix()} {sha256(file.read_bytes())}\n"
+                   for file in folder.rglob("*") if file.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth"))
+    return sha256("".join(lines).encode())[:10]
+
+
+def addnet_hash(path):
+    """AUTOMATIC1111's LoRA hash of a .safetensors file: the sha256 of what follows the header, 12 hex digits."""
+    data = path.read_bytes()
+    return sha256(data[8 + int.from_bytes(data[:8], "little"):])[:12]
+
+
+def write_lora(path, seed, unet_width=32, text_width=64):
+    """A kohya LoRA of the tiny model: one UNet attention projection and one text encoder projection."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for key, width in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", unet_width),
+                       ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", text_width)):
+        tensors[f"{key}.lora_down.weight"] = rng.standard_normal((4, width)).astype(np.float32) / np.sqrt(width)
+        tensors[f"{key}.lora_up.weight"] = rng.standard_normal((width, 4)).astype(np.float32)
+        tensors[f"{key}.alpha"] = np.array(4.0, np.float32)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapters_run(model, tmp_path_factory):
+    """A generation with a LoRA from --lora, one from a <lora:...> tag found in --lora-dir, an embedding, emphasis
+    and clip skip."""
+    folder = tmp_path_factory.mktemp("adapters")
+    (folder / "loras" / "styles").mkdir(parents=True)
+    files = dict(detail=write_lora(folder / "loras" / "detail.safetensors", 1),
+                 ink=write_lora(folder / "loras" / "styles" / "ink.safetensors", 2),
+                 sparkle=folder / "my-sparkle.safetensors")
+    save_file({"emb_params": np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)},
+              str(files["sparkle"]))
+    prompt = "a (red:1.3) cube <lora:ink:0.7>, my-sparkle, on a [table]"
+    args = ["generate", prompt, "--model", model, "--out", folder / "out.png", *SETTINGS, "--seed", "3",
+            "--lora", f"{files['detail']}:0.5", "--lora-dir", folder / "loras", "--embedding", files["sparkle"],
+            "--clip-skip", "2"]
+    assert run_here(args) == 0
+    return dict(folder=folder, files=files, prompt=prompt)
+
+
+def test_loras_embeddings_and_clip_skip_are_applied_and_recorded(adapters_run, model):
+    from kerasdiffusion import StableDiffusion
+
+    files, prompt = adapters_run["files"], adapters_run["prompt"]
+    pixels, text = read_png(adapters_run["folder"] / "out.png")
+    hashes = f'Lora hashes: "detail: {addnet_hash(files["detail"])}, ink: {addnet_hash(files["ink"])}"'
+    assert text["parameters"] == (
+        f"{prompt}\nNegative prompt: {NEGATIVE}\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 3, Size: 64x64, "
+        f'Model hash: {folder_hash(model)}, Model: tiny-sd, Clip skip: 2, {hashes}, '
+        f'TI hashes: "my-sparkle: {sha256(files["sparkle"].read_bytes())[:12]}", Lora scales: "detail: 0.5"')
+    assert str(adapters_run["folder"]) not in str(text) and str(model) not in str(text)
+    sd = StableDiffusion.from_pretrained(model, img_width=64, img_height=64, jit_compile=False, precision="float32",
+                                         scheduler="euler_ancestral", prompt_syntax="a1111", clip_skip=2,
+                                         progress=False)
+    sd.load_lora(files["detail"], scale=0.5)
+    sd.load_lora(files["ink"])
+    assert sd.load_textual_inversion(files["sparkle"]) == "my-sparkle"
+    expected = sd.text_to_image(prompt, negative_prompt=NEGATIVE, num_steps=2, seed=3, verbose=False)
+    assert_same_image(pixels, expected[0])
+    sd.unload_lora("ink")  # the tag's LoRA changes the image
+    untagged = sd.text_to_image(prompt.replace(" <lora:ink:0.7>", ""), negative_prompt=NEGATIVE, num_steps=2, seed=3,
+                                verbose=False)
+    assert np.abs(pixels.astype(int) - untagged[0].astype(int)).mean() > 1
+
+
+def test_from_png_makes_the_same_image_again(adapters_run, batch, model, tmp_path):
+    folder, files = adapters_run["folder"], adapters_run["files"]
+    again = tmp_path / "again.png"
+    assert run_here(["generate", "--from-png", folder / "out.png", "--out", again, "--model", model,
+                     "--lora-dir", folder / "loras", "--embedding", files["sparkle"], *RUN]) == 0
+    pixels, text = read_png(folder / "out.png")
+    pixels_again, text_again = read_png(again)
+    np.testing.assert_array_equal(pixels_again, pixels)
+    assert text_again == text
+    # The second image of a batch: the batch is made again and that image kept.
+    second = tmp_path / "second.png"
+    assert run_here(["generate", "--from-png", batch / "out-1.png", "--out", second, "--model", model, *RUN]) == 0
+    assert_same_image(read_png(second)[0], read_png(batch / "out-1.png")[0])
+    assert read_png(second)[1] == read_png(batch / "out-1.png")[1]
+
+
+def test_from_png_reads_automatic1111_parameters(model, tmp_path):
+    """A1111 1.6+'s wording (sampler and schedule type apart, fields we do not use) runs what it says."""
+    from PIL import PngImagePlugin
+
+    parameters = ("a red cube, (on a table:1.2)\nNegative prompt: blurry\nSteps: 2, Sampler: DPM++ 2M, "
+                  "Schedule type: Karras, CFG scale: 6.5, Seed: 7, Size: 64x48, Model hash: 0123456789, "
+                  "Model: sd15, Clip skip: 2, Denoising strength: 0.5, Version: v1.10.1")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "a1111.png", pnginfo=info)
+    assert run_here(["generate", "--from-png", tmp_path / "a1111.png", "--out", tmp_path / "again.png",
+                     "--model", model, *RUN]) == 0
+    assert run_here(["generate", "a red cube, (on a table:1.2)", "--negative-prompt", "blurry", "--steps", "2",
+                     "--scheduler", "dpmpp_2m_karras", "--guidance", "6.5", "--seed", "7", "--width", "64",
+                     "--height", "48", "--clip-skip", "2", "--model", model, "--out", tmp_path / "direct.png",
+                     *RUN]) == 0
+    np.testing.assert_array_equal(read_png(tmp_path / "again.png")[0], read_png(tmp_path / "direct.png")[0])
+
+
+def write_png_with(path, parameters=None):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.mark.parametrize("case", [
+    "lora file missing", "lora scale not a number", "lora tag without --lora-dir", "lora tag not in --lora-dir",
+    "lora that does not fit", "embedding missing", "clip skip zero", "unknown prompt syntax", "no prompt",
+    "from-png not a png", "from-png without parameters", "from-png of an unsupported sampler",
+    "from-png of an unknown model", "from-png naming a missing embedding",
+])
+def test_bad_adapter_input_is_one_error_line_and_no_file(case, model, tmp_path, capfd):
+    out = tmp_path / "out" / "image.png"
+    out.parent.mkdir()
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "notes.png").write_text("not a png")
+    sd2_lora = write_lora(tmp_path / "wide.safetensors", 4, unet_width=48)
+    settings = "Steps: 2, Sampler: {}, CFG scale: 7, Seed: 1, Size: 64x64, Model: {}"
+    prompt, args = PROMPT, {
+        "lora file missing": ["--lora", tmp_path / "nowhere.safetensors:0.5"],
+        "lora scale not a number": ["--lora", f"{sd2_lora}:strong"],
+        "lora tag without --lora-dir": [],
+        "lora tag not in --lora-dir": ["--lora-dir", tmp_path / "loras"],
+        "lora that does not fit": ["--lora", sd2_lora],
+        "embedding missing": ["--embedding", tmp_path / "nowhere.pt"],
+        "clip skip zero": ["--clip-skip", "0"],
+        "unknown prompt syntax": ["--prompt-syntax", "comfy"],
+        "no prompt": [],
+        "from-png not a png": ["--from-png", tmp_path / "notes.png"],
+        "from-png without parameters": ["--from-png", write_png_with(tmp_path / "bare.png")],
+        "from-png of an unsupported sampler": ["--from-png", write_png_with(
+            tmp_path / "heun.png", "a cat\n" + settings.format("Heun", "x"))],
+        "from-png of an unknown model": ["--from-png", write_png_with(
+            tmp_path / "other.png", "a cat\n" + settings.format("Euler", "my-own-model"))],
+        "from-png naming a missing embedding": ["--from-png", write_png_with(
+            tmp_path / "ti.png", "a cat\n" + settings.format("Euler", "x") + ', TI hashes: "my-sparkle: 0123"')],
+    }[case]
+    if case.startswith("lora tag"):
+        prompt = PROMPT + " <lora:ink:0.5>"
+    model_args = [] if case == "from-png of an unknown model" else ["--model", model]
+    command = ["generate", *([prompt] if case != "no prompt" and "from-png" not in case else []), *model_args,
+               "--out", out, *TINY, *args]
+    status = run_here(command)
+    captured = capfd.readouterr()
+    assert status != 0
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert os.listdir(out.parent) == []
+    expected = {"lora file missing": "nowhere.safetensors", "lora scale not a number": "strong",
+                "lora tag without --lora-dir": "--lora-dir", "lora tag not in --lora-dir": "'ink'",
+                "lora that does not fit": "mis-shaped", "embedding missing": "nowhere.pt", "clip skip zero": "clip-skip",
+                "unknown prompt syntax": "comfy", "no prompt": "prompt", "from-png not a png": "notes.png",
+                "from-png without parameters": "no generation parameters",
+                "from-png of an unsupported sampler": "Unsupported sampler 'Heun'",
+                "from-png of an unknown model": "'my-own-model'", "from-png naming a missing embedding": "'my-sparkle'"}
+    assert expected[case] in lines[0]
+
+
+def test_model_hash_of_a_file_is_automatic1111s(tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"w": np.arange(6, dtype=np.float32)}, str(checkpoint))
+    assert sources.model_hash(checkpoint) == sha256(checkpoint.read_bytes())[:10]
+    assert sources.model_hash("org/name") is None
 
 
 def test_parameters_text_follows_automatic1111():
