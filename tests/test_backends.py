@@ -17,37 +17,37 @@ import pytest
 from tests import reference as R
 
 # What runs on both backends: schedulers, networks, the pipeline, mixed precision, the command line, LoRAs and
-# the other adapters, the notebooks' code paths, and one full-size network.
-JAX_SUITES = {
-    "schedulers": ["tests/test_schedulers.py"],
-    "networks": ["tests/test_networks.py"],
-    "attention": ["tests/test_attention.py"],
-    "pipeline": ["tests/test_pipeline.py"],
-    "precision": ["tests/test_precision.py"],
-    "cli": ["tests/test_cli.py"],
-    "adapters": ["tests/test_adapters.py"],
-    "notebooks": ["tests/test_notebooks.py", "-k", "text_to_image"],
-    "full_size_unet": ["tests/test_full_size.py::test_full_unet"],
-}
+# the other adapters, the notebooks' code paths, and one full-size network. One process runs them all, so
+# that programs compiled by one suite are reused from the compile cache by the next.
+JAX_SUITES = [
+    "tests/test_schedulers.py",
+    "tests/test_networks.py",
+    "tests/test_attention.py",
+    "tests/test_pipeline.py",
+    "tests/test_precision.py",
+    "tests/test_cli.py",
+    "tests/test_adapters.py",
+    "tests/test_notebooks.py::test_notebook_runs_top_to_bottom[text_to_image.ipynb]",
+    "tests/test_full_size.py::test_full_unet",
+]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                    reason="runs the JAX suites from a TensorFlow run (this run is already on JAX)")
 
 
-def run_on(backend, args, timeout=1500):
+def run_on(backend, args, timeout=2400):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
 @on_tensorflow
-@pytest.mark.parametrize("suite", sorted(JAX_SUITES))
-def test_suite_passes_on_jax(suite):
-    result = run_on("jax", ["-m", "pytest", "-q", "-p", "no:cacheprovider", *JAX_SUITES[suite]])
+def test_suites_pass_on_jax():
+    result = run_on("jax", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *JAX_SUITES])
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    print(f"JAX {suite}: {summary}")
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in summary and "skipped" not in summary, summary
+    print(f"JAX: {summary}")
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
 
 
 GENERATE = """
