@@ -41,6 +41,15 @@ class SchedulerConfig:
     clip_sample: bool = False
 
     def __post_init__(self):
+        # A scheduler config comes from a stranger's file: every field is checked for its kind, so that a
+        # wrong one is named here rather than failing as a TypeError deep in the table math.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not _is_kind(value, field.type):
+                raise ValueError(f"scheduler config: {field.name} must be {field.type.__name__}, got {value!r}")
+        if self.num_train_timesteps < 1 or not 0.0 < self.beta_start < self.beta_end < 1.0:
+            raise ValueError(f"scheduler config: need num_train_timesteps >= 1 and 0 < beta_start < beta_end < 1, "
+                             f"got {self.num_train_timesteps}, {self.beta_start}, {self.beta_end}")
         if self.beta_schedule not in _BETA_SCHEDULES:
             raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported; use one of {_BETA_SCHEDULES}")
         if self.prediction_type not in _PREDICTION_TYPES:
@@ -60,6 +69,17 @@ class SchedulerConfig:
             raise ValueError("Scheduler configs with explicit `trained_betas` are not supported.")
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in d.items() if key in names})
+
+
+def _is_kind(value, kind):
+    """Whether a config value is of a field's declared type (bool, int, float, str); an int is a float too."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+    return isinstance(value, kind)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

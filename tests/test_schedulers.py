@@ -287,6 +287,16 @@ def test_config_from_diffusers_dict():
         SchedulerConfig.from_dict({"trained_betas": [0.1, 0.2]})
 
 
+@pytest.mark.parametrize("field, value", [("num_train_timesteps", "x"), ("num_train_timesteps", 0),
+                                          ("beta_start", None), ("beta_end", float("nan")), ("steps_offset", 1.5),
+                                          ("clip_sample", "no"), ("prediction_type", 3), ("beta_start", 0.5)])
+def test_a_config_from_a_file_is_checked_field_by_field(field, value):
+    """A scheduler_config.json is a stranger's file: a wrong field is a ValueError naming it, never a TypeError
+    deep in the table math."""
+    with pytest.raises(ValueError, match=field):
+        get_scheduler("ddim", SchedulerConfig.from_dict({**SD15_SCHEDULER_CONFIG, field: value}))
+
+
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
 def test_linear_betas_match_diffusers(name, monkeypatch):
     config = {**SD15_SCHEDULER_CONFIG, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
