@@ -1,0 +1,203 @@
+"""The synthetic world of the built-in ``kerasdiffusion/shapes`` model: scenes, their captions and pictures,
+and a measurement that reads a scene back from a picture's pixels.
+
+A scene is one shape (circle, square, triangle) of one colour, small or large, at one of five places, on a
+plain background of another colour. Everything is drawn from a seed, so the training data can be made again
+bit for bit. A few (shape, colour, background) combinations are held out of training (`HELD_OUT`), so that
+the adherence test can ask for pictures the model has never seen.
+
+`describe` is the measurement the adherence test applies to generated pictures: background colour from the
+border, the shape's pixels as those closer to another palette colour, its colour, its class from how much of
+its bounding box it fills (a square nearly all, a circle about pi/4, a triangle about two thirds once the
+box's outermost percent is trimmed), its size from the box's side and its place from the box's centre.
+
+Example:
+
+>>> scene = Scene(shape="circle", colour="red", background="blue", size="small", position="left")
+>>> scene.caption()
+'a small red circle on the left, blue background'
+>>> describe(render(scene)) == scene.attributes()
+True
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+
+RESOLUTION = 64
+
+SHAPES = ("circle", "square", "triangle")
+PALETTE = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+COLOURS = tuple(PALETTE)
+SIZES = {"small": 14, "large": 26}  # the side of the shape's bounding box, in pixels at 64x64
+POSITIONS = {  # the centre of the bounding box (x, y) at 64x64, and how captions say it
+    "left": ((17, 32), "on the left"),
+    "right": ((47, 32), "on the right"),
+    "top": ((32, 17), "at the top"),
+    "bottom": ((32, 47), "at the bottom"),
+    "center": ((32, 32), "in the center"),
+}
+# Never in the training data. Every pair inside each of them still is (a test checks it), so the model can
+# learn the parts and is asked to compose them.
+HELD_OUT = (
+    ("circle", "green", "red"),
+    ("circle", "yellow", "black"),
+    ("square", "blue", "white"),
+    ("square", "white", "yellow"),
+    ("triangle", "red", "green"),
+    ("triangle", "black", "blue"),
+)
+_JITTER = 2  # pixels a shape may move off its place's centre, so positions are regions rather than points
+_SUPERSAMPLING = 4  # edges are drawn at 4x and averaged down, as a camera would see them
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """One picture's content. ``short`` captions name only colour, shape and background."""
+
+    shape: str
+    colour: str
+    background: str
+    size: str = "large"
+    position: str = "center"
+    short: bool = False
+    offset: tuple = (0, 0)  # the jitter, (dx, dy) pixels
+
+    def __post_init__(self):
+        for field, value, allowed in [("shape", self.shape, SHAPES), ("colour", self.colour, COLOURS),
+                                      ("background", self.background, COLOURS), ("size", self.size, SIZES),
+                                      ("position", self.position, POSITIONS)]:
+            if value not in allowed:
+                raise ValueError(f"{field} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.colour == self.background:
+            raise ValueError(f"a {self.colour} shape on a {self.background} background cannot be seen")
+
+    def caption(self):
+        """``"a small red circle on the left, blue background"``, or ``"a red circle on a blue background"``."""
+        if self.short:
+            return f"a {self.colour} {self.shape} on a {self.background} background"
+        return f"a {self.size} {self.colour} {self.shape} {POSITIONS[self.position][1]}, {self.background} background"
+
+    def attributes(self):
+        """What `describe` measures: the scene without its caption form and jitter."""
+        return {"shape": self.shape, "colour": self.colour, "background": self.background, "size": self.size,
+                "position": self.position}
+
+    def is_held_out(self):
+        return (self.shape, self.colour, self.background) in HELD_OUT
+
+
+def sample_scenes(seed, count, held_out=False):
+    """``count`` random scenes from ``seed``: training combinations, or (``held_out=True``) `HELD_OUT` ones."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    while len(scenes) < count:
+        shape, colour, background = (str(rng.choice(SHAPES)), str(rng.choice(COLOURS)), str(rng.choice(COLOURS)))
+        if colour == background:
+            continue
+        if held_out:
+            shape, colour, background = HELD_OUT[int(rng.integers(len(HELD_OUT)))]
+        elif (shape, colour, background) in HELD_OUT:
+            continue
+        scenes.append(Scene(shape, colour, background, size=str(rng.choice(list(SIZES))),
+                            position=str(rng.choice(list(POSITIONS))), short=bool(rng.random() < 0.3),
+                            offset=tuple(int(d) for d in rng.integers(-_JITTER, _JITTER + 1, size=2))))
+    return scenes
+
+
+def _coverage(scene):
+    """``[64, 64]`` in [0, 1]: how much of each pixel the shape covers."""
+    n = RESOLUTION * _SUPERSAMPLING
+    y, x = (np.mgrid[0:n, 0:n] + 0.5) / _SUPERSAMPLING
+    (cx, cy), _ = POSITIONS[scene.position]
+    cx, cy, half = cx + scene.offset[0], cy + scene.offset[1], SIZES[scene.size] / 2
+    u, v = (x - cx) / half, (y - cy) / half  # the bounding box is [-1, 1]^2
+    if scene.shape == "circle":
+        inside = u**2 + v**2 <= 1
+    elif scene.shape == "square":
+        inside = (abs(u) <= 1) & (abs(v) <= 1)
+    else:  # pointing up: apex at the top centre, base along the bottom
+        inside = (v <= 1) & (abs(u) <= (v + 1) / 2)
+    return inside.reshape(RESOLUTION, _SUPERSAMPLING, RESOLUTION, _SUPERSAMPLING).mean(axis=(1, 3))
+
+
+def render(scene):
+    """The scene as uint8 ``[64, 64, 3]``."""
+    coverage = _coverage(scene)[..., None]
+    shape, background = np.array(PALETTE[scene.colour], np.float32), np.array(PALETTE[scene.background], np.float32)
+    return np.round(coverage * shape + (1 - coverage) * background).astype(np.uint8)
+
+
+def _nearest_colour(rgb):
+    names = list(PALETTE)
+    distances = [np.sum((np.asarray(rgb, np.float32) - PALETTE[name]) ** 2) for name in names]
+    return names[int(np.argmin(distances))]
+
+
+def _palette_distances(pixels):
+    """``[..., len(PALETTE)]`` squared distances of each pixel to each palette colour."""
+    palette = np.array(list(PALETTE.values()), np.float32)
+    return ((pixels[..., None, :].astype(np.float32) - palette) ** 2).sum(-1)
+
+
+def _smoothed(image):
+    """A 3x3 box blur (edges repeated): pixel noise averages out before pixels are named by colour."""
+    padded = np.pad(image, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    height, width = image.shape[:2]
+    return sum(padded[dy:dy + height, dx:dx + width] for dy in range(3) for dx in range(3)) / 9
+
+
+def describe(image):
+    """Reads a scene's attributes back from a ``[H, W, 3]`` uint8 picture (any size; measured at its own scale).
+
+    Returns:
+        ``{"shape", "colour", "background", "size", "position"}``; ``shape``, ``colour``, ``size`` and
+        ``position`` are ``None`` when no shape is found.
+    """
+    image = _smoothed(np.asarray(image, np.float32))
+    height, width = image.shape[:2]
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    background = _nearest_colour(np.median(border, axis=0))
+    nearest = np.array(list(PALETTE))[np.argmin(_palette_distances(image), axis=-1)]
+    found = {"background": background, "shape": None, "colour": None, "size": None, "position": None}
+    if (nearest != background).sum() < 4:
+        return found
+    names, counts = np.unique(nearest[nearest != background], return_counts=True)
+    found["colour"] = str(names[np.argmax(counts)])
+    mask = nearest == found["colour"]
+    ys, xs = np.nonzero(mask)
+    # Percentiles, not extremes: a few stray pixels must not stretch the box.
+    left, right = np.percentile(xs, [1, 99]) + [0, 1]
+    top, bottom = np.percentile(ys, [1, 99]) + [0, 1]
+    scale = RESOLUTION / width, RESOLUTION / height
+    box_width, box_height = (right - left) * scale[0], (bottom - top) * scale[1]
+    fill = mask.sum() * scale[0] * scale[1] / max(box_width * box_height, 1.0)
+    found["shape"] = "triangle" if fill < 0.715 else "circle" if fill < 0.915 else "square"
+    side = max(box_width, box_height)
+    found["size"] = "small" if side < (SIZES["small"] + SIZES["large"]) / 2 else "large"
+    centre = np.array([(left + right) / 2 * scale[0], (top + bottom) / 2 * scale[1]])
+    found["position"] = min(POSITIONS, key=lambda name: np.sum((centre - POSITIONS[name][0]) ** 2))
+    return found
+
+
+def write_dataset(folder, seed, count):
+    """Writes ``count`` training scenes from ``seed`` as ``NNNNN.png`` + ``NNNNN.txt`` caption pairs (kohya's
+    layout, which `kerasdiffusion.training.image_caption_dataset` reads). Returns the scenes."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    scenes = sample_scenes(seed, count)
+    for number, scene in enumerate(scenes):
+        stem = os.path.join(folder, f"{number:05d}")
+        Image.fromarray(render(scene)).save(stem + ".png")
+        with open(stem + ".txt", "w", encoding="utf-8") as file:
+            file.write(scene.caption() + "\n")
+    return scenes
