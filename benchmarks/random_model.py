@@ -11,14 +11,16 @@ from kerasdiffusion.unet import build_unet
 from kerasdiffusion.vae import build_decoder, build_image_encoder
 
 
-def random_components(precision="float32"):
-    """SD 1.5-sized `Components` (text encoder, UNet, VAE encoder and decoder) with random weights."""
+def random_components(precision="float32", text_encoder=C.SD1_TEXT_ENCODER, unet=C.SD1_UNET, vae=C.SD_VAE):
+    """`Components` (text encoder, UNet, VAE encoder and decoder) with random weights; SD 1.5-sized unless
+    other network configs are given."""
     return kd.Components(
         tokenizer=kd.CLIPTokenizer(),
-        text_encoder=build_text_encoder(C.SD1_TEXT_ENCODER, dtype=precision),
-        diffusion_model=build_unet(C.SD1_UNET, dtype=precision),
-        image_encoder=build_image_encoder(C.SD_VAE, dtype=precision),
-        decoder=build_decoder(C.SD_VAE, dtype=precision),
+        text_encoder=build_text_encoder(text_encoder, dtype=precision),
+        diffusion_model=build_unet(unet, dtype=precision),
+        image_encoder=build_image_encoder(vae, dtype=precision),
+        decoder=build_decoder(vae, dtype=precision),
+        vae_config=vae,
         precision=precision,
-        source="random SD 1.5-sized weights",
+        source="random weights",
     )

@@ -1,0 +1,32 @@
+"""The GPU pipeline benchmark runs end to end without a GPU: tiny networks, CPU JAX, diffusers eager."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_pipeline_script_runs_on_cpu_jax_at_a_tiny_size(tmp_path):
+    out = tmp_path / "smoke"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_pipeline.py"), "--tiny", "--size", "64",
+               "--steps", "2", "--batches", "1", "2", "--precisions", "float32", "--loops", "compiled",
+               "--peers", "eager", "--torch-dtype", "float32", "--repeats", "1", "--out", str(out)]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "KERASDIFFUSION_NO_CACHE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out.parent / "smoke.json").read_text())
+    rows = {(row["name"], row["batch"]): row for row in results["rows"]}
+    assert set(rows) == {("ours compiled float32", 1), ("ours compiled float32", 2),
+                         ("diffusers eager float32", 1), ("diffusers eager float32", 2)}
+    for row in rows.values():
+        assert row["best_s"] > 0 and row["first_s"] >= row["best_s"]
+        assert abs(row["images_per_second"] * row["seconds_per_image"] - 1) < 1e-9
+        assert row["mfu"] is None and row["peak_memory_gib"] is None  # a CPU has neither
+    # Two guided generations cost twice one's FLOPs (every network runs on the batch).
+    assert rows[("ours compiled float32", 2)]["flops"] == 2 * rows[("ours compiled float32", 1)]["flops"] > 0
+    table = (out.parent / "smoke.md").read_text()
+    assert table.count("| ours compiled float32 |") == 2 and "CPU flags:" in table
+    chart = (out.parent / "smoke.svg").read_text()
+    assert chart.startswith("<svg") and chart.count("<polyline") == 2
