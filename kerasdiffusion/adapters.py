@@ -27,6 +27,7 @@ from keras import ops
 
 from kerasdiffusion import config as C
 from kerasdiffusion import sources
+from kerasdiffusion.layers import to_be_loaded
 from kerasdiffusion.text_encoder import build_text_encoder
 from weights_conversion.embeddings import read_textual_inversion
 from weights_conversion.lora import lora_updates, read_lora
@@ -196,7 +197,8 @@ def with_embeddings(base_tokenizer, text_encoder, base_rows, embeddings, family,
     rows = _value(weights["token_embedding/embeddings"])[:base_rows]
     table = np.concatenate([rows, *(np.asarray(v, rows.dtype) for v in embeddings.values())])
     config = dataclasses.replace(C.text_encoder_config_from_weights(weights, family), vocab_size=len(table))
-    rebuilt = build_text_encoder(config, dtype=precision, name=text_encoder.name)
+    with to_be_loaded():
+        rebuilt = build_text_encoder(config, dtype=precision, name=text_encoder.name)
     # 3. Its weights: the current ones, with the new embedding table.
     for variable in rebuilt.weights:
         value = table if variable.path == "token_embedding/embeddings" else _value(weights[variable.path])

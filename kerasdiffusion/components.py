@@ -21,6 +21,7 @@ import keras
 from kerasdiffusion import backend
 from kerasdiffusion import config as C
 from kerasdiffusion.adapters import FusedLoras
+from kerasdiffusion.layers import to_be_loaded
 from kerasdiffusion import sources
 from kerasdiffusion.schedulers import SchedulerConfig
 from kerasdiffusion.text_encoder import build_text_encoder
@@ -160,13 +161,14 @@ def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None,
     weights = converted.weights
     family = C.family_from_weights(weights["text_encoder"])
     vae_config = C.vae_config_from_weights(weights["vae"], family)
-    networks = {
-        "text_encoder": build_text_encoder(C.text_encoder_config_from_weights(weights["text_encoder"], family),
-                                           dtype=precision),
-        "diffusion_model": build_unet(C.unet_config_from_weights(weights["unet"], family), dtype=precision),
-        "image_encoder": build_image_encoder(vae_config, dtype=precision),
-        "decoder": build_decoder(vae_config, dtype=precision),
-    }
+    with to_be_loaded():
+        networks = {
+            "text_encoder": build_text_encoder(C.text_encoder_config_from_weights(weights["text_encoder"], family),
+                                               dtype=precision),
+            "diffusion_model": build_unet(C.unet_config_from_weights(weights["unet"], family), dtype=precision),
+            "image_encoder": build_image_encoder(vae_config, dtype=precision),
+            "decoder": build_decoder(vae_config, dtype=precision),
+        }
     encoder_weights, decoder_weights = split_weights(weights.pop("vae"))
     assign_all([
         (networks["text_encoder"], weights.pop("text_encoder"), "text_encoder"),

@@ -5,29 +5,76 @@ shape bookkeeping that a functional graph with free spatial sizes cannot express
 Every layer with weights gets an explicit name, so that loading goes by name.
 """
 
+import contextlib
+import contextvars
 import math
 
 import keras
+import numpy as np
 from keras import ops
+
+_TO_BE_LOADED = contextvars.ContextVar("kerasdiffusion_to_be_loaded", default=False)
+
+
+@keras.saving.register_keras_serializable(package="kerasdiffusion")
+class Unset(keras.initializers.Initializer):
+    """Zeros made by NumPy, for variables about to be assigned from a checkpoint: no random draw to pay for
+    and, on JAX, no program compiled per shape (Keras' random initializers compile one each)."""
+
+    def __call__(self, shape, dtype=None):
+        dtype = keras.backend.standardize_dtype(dtype or "float32")
+        if dtype in ("float32", "float16", "float64", "int32", "int64"):
+            return np.zeros(shape, dtype)
+        return ops.zeros(shape, dtype)
+
+
+@contextlib.contextmanager
+def to_be_loaded():
+    """Networks built inside start with `Unset` weights instead of Keras' random ones; for loading, where
+    every weight is assigned right after (strictly: `weights.assign_all` refuses a missing one).
+
+    Example:
+
+    >>> from kerasdiffusion import config as C, text_encoder
+    >>> with to_be_loaded():
+    ...     model = text_encoder.build_text_encoder(C.TextEncoderConfig(vocab_size=10, width=8, num_layers=1,
+    ...                                                                 num_heads=1, mlp_dim=16, max_length=4))
+    >>> float(abs(model.get_layer("token_embedding").embeddings.numpy()).max())
+    0.0
+    """
+    token = _TO_BE_LOADED.set(True)
+    try:
+        yield
+    finally:
+        _TO_BE_LOADED.reset(token)
+
+
+def initializers(*arguments):
+    """``{argument: Unset()}`` for a layer's initializer arguments inside `to_be_loaded`; else Keras' defaults."""
+    return {argument: Unset() for argument in arguments} if _TO_BE_LOADED.get() else {}
 
 
 def conv(channels, kernel_size, name, dtype, strides=1):
     """A convolution with PyTorch's symmetric padding of ``kernel_size // 2`` (for stride 1: "same")."""
     padding = "same" if strides == 1 else "valid"
-    return keras.layers.Conv2D(channels, kernel_size, strides=strides, padding=padding, name=name, dtype=dtype)
+    return keras.layers.Conv2D(channels, kernel_size, strides=strides, padding=padding, name=name, dtype=dtype,
+                               **initializers("kernel_initializer", "bias_initializer"))
 
 
 def group_norm(groups, epsilon, name, dtype):
     # Keras' GroupNormalization computes its statistics in float32 whatever the policy.
-    return keras.layers.GroupNormalization(groups=groups, epsilon=epsilon, name=name, dtype=dtype)
+    return keras.layers.GroupNormalization(groups=groups, epsilon=epsilon, name=name, dtype=dtype,
+                                           **initializers("gamma_initializer", "beta_initializer"))
 
 
 def layer_norm(epsilon, name, dtype):
-    return keras.layers.LayerNormalization(epsilon=epsilon, name=name, dtype=dtype)
+    return keras.layers.LayerNormalization(epsilon=epsilon, name=name, dtype=dtype,
+                                           **initializers("gamma_initializer", "beta_initializer"))
 
 
 def dense(units, name, dtype, use_bias=True):
-    return keras.layers.Dense(units, use_bias=use_bias, name=name, dtype=dtype)
+    return keras.layers.Dense(units, use_bias=use_bias, name=name, dtype=dtype,
+                              **initializers("kernel_initializer", "bias_initializer"))
 
 
 def silu(x):

@@ -16,7 +16,7 @@ TensorShape([2, 77, 64])
 import keras
 from keras import ops
 
-from kerasdiffusion.layers import attention, dense, layer_norm
+from kerasdiffusion.layers import attention, dense, initializers, layer_norm
 
 
 @keras.saving.register_keras_serializable(package="kerasdiffusion")
@@ -26,9 +26,11 @@ class PositionEmbedding(keras.layers.Layer):
     def __init__(self, max_length, **kwargs):
         super().__init__(**kwargs)
         self.max_length = max_length
+        self.initializer = initializers("initializer").get("initializer", "glorot_uniform")
 
     def build(self, input_shape):
-        self.embeddings = self.add_weight(shape=(self.max_length, input_shape[-1]), name="embeddings")
+        self.embeddings = self.add_weight(shape=(self.max_length, input_shape[-1]), name="embeddings",
+                                          initializer=self.initializer)
 
     def call(self, x):
         return x + ops.cast(self.embeddings[: ops.shape(x)[1]], x.dtype)[None]
@@ -67,7 +69,8 @@ def build_text_encoder(config, dtype=None, name="text_encoder"):
         name: the model's name.
     """
     tokens = keras.Input((config.max_length,), dtype="int32", name="tokens")
-    x = keras.layers.Embedding(config.vocab_size, config.width, name="token_embedding", dtype=dtype)(tokens)
+    x = keras.layers.Embedding(config.vocab_size, config.width, name="token_embedding", dtype=dtype,
+                               **initializers("embeddings_initializer"))(tokens)
     x = PositionEmbedding(config.max_length, name="position_embedding", dtype=dtype)(x)
     for i in range(config.num_layers):
         x = _encoder_layer(x, config, i, dtype)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kerasdiffusion import config as C
+from kerasdiffusion.layers import to_be_loaded
 from kerasdiffusion.text_encoder import build_text_encoder
 from kerasdiffusion.unet import build_unet
 from kerasdiffusion.vae import build_decoder, build_image_encoder
@@ -18,7 +19,8 @@ TOLERANCE = 1e-4
 
 def keras_unet(torch_unet):
     weights = convert_unet(R.state_dict_numpy(torch_unet))
-    model = build_unet(C.unet_config_from_weights(weights))
+    with to_be_loaded():  # as loading builds them: every parity test also checks that nothing is left unset
+        model = build_unet(C.unet_config_from_weights(weights))
     assign_weights(model, weights, "unet")
     return model
 
@@ -116,7 +118,8 @@ def test_networks_save_to_keras_files_and_load_back(tmp_path):
 
     unet = keras_unet(R.make_unet())
     text_weights = convert_text_encoder(R.state_dict_numpy(R.make_text_encoder()))
-    text_encoder = build_text_encoder(C.text_encoder_config_from_weights(text_weights))
+    with to_be_loaded():
+        text_encoder = build_text_encoder(C.text_encoder_config_from_weights(text_weights))
     assign_weights(text_encoder, text_weights, "text_encoder")
     vae_config = C.vae_config_from_weights(convert_vae(R.state_dict_numpy(R.make_vae())))
     rng = np.random.default_rng(9)
@@ -132,6 +135,19 @@ def test_networks_save_to_keras_files_and_load_back(tmp_path):
         model.save(path)
         loaded = keras.models.load_model(path)
         np.testing.assert_array_equal(np.asarray(loaded(inputs)), np.asarray(model(inputs)), err_msg=name)
+
+
+def test_networks_built_to_be_loaded_skip_random_initialisation_only_inside_the_block():
+    """Loading builds without Keras' random draws (their cost is the build's, and one compile per shape on
+    JAX); a network built outside the block, as training from scratch does, still gets random weights."""
+    config = C.VAEConfig(block_channels=(32, 32), layers_per_level=1)
+    with to_be_loaded():
+        unset = build_decoder(config)
+    fresh = build_decoder(config)
+    assert all(not np.any(v.numpy()) for v in unset.weights)
+    kernels = [v for v in fresh.weights if v.path.endswith("/kernel")]
+    assert kernels and all(np.std(v.numpy()) > 0 for v in kernels)
+    assert any(np.all(v.numpy() == 1) for v in fresh.weights if v.path.endswith("/gamma"))
 
 
 def test_networks_compose_inside_a_users_model():
