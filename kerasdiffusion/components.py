@@ -28,7 +28,7 @@ from kerasdiffusion.text_encoder import build_text_encoder
 from kerasdiffusion.tokenizer import CLIPTokenizer
 from kerasdiffusion.unet import build_unet
 from kerasdiffusion.vae import build_decoder, build_image_encoder, split_weights
-from kerasdiffusion.weights import assign_all
+from kerasdiffusion.weights import check_all
 
 
 def default_precision():
@@ -161,21 +161,22 @@ def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None,
     weights = converted.weights
     family = C.family_from_weights(weights["text_encoder"])
     vae_config = C.vae_config_from_weights(weights["vae"], family)
-    with to_be_loaded():
-        networks = {
-            "text_encoder": build_text_encoder(C.text_encoder_config_from_weights(weights["text_encoder"], family),
-                                               dtype=precision),
-            "diffusion_model": build_unet(C.unet_config_from_weights(weights["unet"], family), dtype=precision),
-            "image_encoder": build_image_encoder(vae_config, dtype=precision),
-            "decoder": build_decoder(vae_config, dtype=precision),
-        }
     encoder_weights, decoder_weights = split_weights(weights.pop("vae"))
-    assign_all([
-        (networks["text_encoder"], weights.pop("text_encoder"), "text_encoder"),
-        (networks["diffusion_model"], weights.pop("unet"), "unet"),
-        (networks["image_encoder"], encoder_weights, "vae encoder"),
-        (networks["decoder"], decoder_weights, "vae decoder"),
-    ])
+    # Each network is built straight from its weights (read one tensor at a time, never held twice), then
+    # checked strictly: a missing, unexpected or mis-shaped tensor anywhere is one error naming them all.
+    parts = {
+        "text_encoder": (build_text_encoder, C.text_encoder_config_from_weights(weights["text_encoder"], family),
+                         weights.pop("text_encoder"), "text_encoder"),
+        "diffusion_model": (build_unet, C.unet_config_from_weights(weights["unet"], family), weights.pop("unet"),
+                            "unet"),
+        "image_encoder": (build_image_encoder, vae_config, encoder_weights, "vae encoder"),
+        "decoder": (build_decoder, vae_config, decoder_weights, "vae decoder"),
+    }
+    networks = {}
+    for field, (build, config, network_weights, _) in parts.items():
+        with to_be_loaded(network_weights):
+            networks[field] = build(config, dtype=precision)
+    check_all([(networks[field], network_weights, name) for field, (_, _, network_weights, name) in parts.items()])
     if converted.tokenizer_dir:
         tokenizer = CLIPTokenizer.from_folder(converted.tokenizer_dir)
     else:

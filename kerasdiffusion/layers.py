@@ -13,13 +13,16 @@ import keras
 import numpy as np
 from keras import ops
 
-_TO_BE_LOADED = contextvars.ContextVar("kerasdiffusion_to_be_loaded", default=False)
+_TO_BE_LOADED = contextvars.ContextVar("kerasdiffusion_to_be_loaded", default=None)
+# A layer's initializer arguments -> the name of the variable each one makes.
+_VARIABLES = {"kernel_initializer": "kernel", "bias_initializer": "bias", "gamma_initializer": "gamma",
+              "beta_initializer": "beta", "embeddings_initializer": "embeddings", "initializer": "embeddings"}
 
 
 @keras.saving.register_keras_serializable(package="kerasdiffusion")
 class Unset(keras.initializers.Initializer):
-    """Zeros made by NumPy, for variables about to be assigned from a checkpoint: no random draw to pay for
-    and, on JAX, no program compiled per shape (Keras' random initializers compile one each)."""
+    """Zeros made by NumPy, for variables about to be assigned: no random draw to pay for and, on JAX, no
+    program compiled per shape (Keras' random initializers compile one each)."""
 
     def __call__(self, shape, dtype=None):
         dtype = keras.backend.standardize_dtype(dtype or "float32")
@@ -28,53 +31,81 @@ class Unset(keras.initializers.Initializer):
         return ops.zeros(shape, dtype)
 
 
+@keras.saving.register_keras_serializable(package="kerasdiffusion")
+class Loaded(Unset):
+    """A variable's value from the checkpoint being loaded, read when the variable is made, so the weights
+    are never held twice; `Unset` where the checkpoint has no tensor of that name and shape, which the strict
+    check after building then reports (`weights.check_weights`). It lets go of the checkpoint once used, and
+    a saved network carries its values, so it serializes as nothing more than `Unset`."""
+
+    def __init__(self, weights=None, path=None):
+        self.weights, self.path = weights, path
+
+    def __call__(self, shape, dtype=None):
+        tensor = (self.weights or {}).get(self.path)
+        self.weights = None
+        if tensor is None or tuple(tensor.shape) != tuple(shape):
+            return super().__call__(shape, dtype)
+        return np.asarray(tensor).astype(keras.backend.standardize_dtype(dtype or "float32"), copy=False)
+
+    def get_config(self):
+        return {}
+
+
 @contextlib.contextmanager
-def to_be_loaded():
-    """Networks built inside start with `Unset` weights instead of Keras' random ones; for loading, where
-    every weight is assigned right after (strictly: `weights.assign_all` refuses a missing one).
+def to_be_loaded(weights=None):
+    """Networks built inside skip Keras' random initialisation: each variable is made from ``weights``
+    (``{variable path: array}``, e.g. ``{"input_conv/kernel": ...}``, read lazily one at a time) or, without
+    them, as zeros to be assigned right after. Check the result with `weights.check_weights`.
 
     Example:
 
     >>> from kerasdiffusion import config as C, text_encoder
-    >>> with to_be_loaded():
-    ...     model = text_encoder.build_text_encoder(C.TextEncoderConfig(vocab_size=10, width=8, num_layers=1,
-    ...                                                                 num_heads=1, mlp_dim=16, max_length=4))
-    >>> float(abs(model.get_layer("token_embedding").embeddings.numpy()).max())
+    >>> config = C.TextEncoderConfig(vocab_size=10, width=8, num_layers=1, num_heads=1, mlp_dim=16, max_length=4)
+    >>> with to_be_loaded({"token_embedding/embeddings": np.ones((10, 8), "float32")}):
+    ...     model = text_encoder.build_text_encoder(config)
+    >>> float(model.get_layer("token_embedding").embeddings.numpy().min())
+    1.0
+    >>> float(abs(model.get_layer("final_norm").gamma.numpy()).max())
     0.0
     """
-    token = _TO_BE_LOADED.set(True)
+    token = _TO_BE_LOADED.set({} if weights is None else weights)
     try:
         yield
     finally:
         _TO_BE_LOADED.reset(token)
 
 
-def initializers(*arguments):
-    """``{argument: Unset()}`` for a layer's initializer arguments inside `to_be_loaded`; else Keras' defaults."""
-    return {argument: Unset() for argument in arguments} if _TO_BE_LOADED.get() else {}
+def initializers(layer, *arguments):
+    """Inside `to_be_loaded`, ``{argument: Loaded(...)}`` for layer ``layer``'s initializer arguments (its
+    variables' values from the weights being loaded); elsewhere ``{}``, Keras' own random initialisers."""
+    weights = _TO_BE_LOADED.get()
+    if weights is None:
+        return {}
+    return {argument: Loaded(weights, f"{layer}/{_VARIABLES[argument]}") for argument in arguments}
 
 
 def conv(channels, kernel_size, name, dtype, strides=1):
     """A convolution with PyTorch's symmetric padding of ``kernel_size // 2`` (for stride 1: "same")."""
     padding = "same" if strides == 1 else "valid"
     return keras.layers.Conv2D(channels, kernel_size, strides=strides, padding=padding, name=name, dtype=dtype,
-                               **initializers("kernel_initializer", "bias_initializer"))
+                               **initializers(name, "kernel_initializer", "bias_initializer"))
 
 
 def group_norm(groups, epsilon, name, dtype):
     # Keras' GroupNormalization computes its statistics in float32 whatever the policy.
     return keras.layers.GroupNormalization(groups=groups, epsilon=epsilon, name=name, dtype=dtype,
-                                           **initializers("gamma_initializer", "beta_initializer"))
+                                           **initializers(name, "gamma_initializer", "beta_initializer"))
 
 
 def layer_norm(epsilon, name, dtype):
     return keras.layers.LayerNormalization(epsilon=epsilon, name=name, dtype=dtype,
-                                           **initializers("gamma_initializer", "beta_initializer"))
+                                           **initializers(name, "gamma_initializer", "beta_initializer"))
 
 
 def dense(units, name, dtype, use_bias=True):
     return keras.layers.Dense(units, use_bias=use_bias, name=name, dtype=dtype,
-                              **initializers("kernel_initializer", "bias_initializer"))
+                              **initializers(name, "kernel_initializer", "bias_initializer"))
 
 
 def silu(x):

@@ -26,7 +26,7 @@ class PositionEmbedding(keras.layers.Layer):
     def __init__(self, max_length, **kwargs):
         super().__init__(**kwargs)
         self.max_length = max_length
-        self.initializer = initializers("initializer").get("initializer", "glorot_uniform")
+        self.initializer = initializers(self.name, "initializer").get("initializer", "glorot_uniform")
 
     def build(self, input_shape):
         self.embeddings = self.add_weight(shape=(self.max_length, input_shape[-1]), name="embeddings",
@@ -70,7 +70,7 @@ def build_text_encoder(config, dtype=None, name="text_encoder"):
     """
     tokens = keras.Input((config.max_length,), dtype="int32", name="tokens")
     x = keras.layers.Embedding(config.vocab_size, config.width, name="token_embedding", dtype=dtype,
-                               **initializers("embeddings_initializer"))(tokens)
+                               **initializers("token_embedding", "embeddings_initializer"))(tokens)
     x = PositionEmbedding(config.max_length, name="position_embedding", dtype=dtype)(x)
     for i in range(config.num_layers):
         x = _encoder_layer(x, config, i, dtype)

@@ -54,15 +54,20 @@ def assign_weights(model, weights, network):
         variable.assign(np.asarray(weights[variable.path]).astype(variable.dtype, copy=False))
 
 
-def assign_all(assignments):
-    """Checks every ``(model, weights, network)`` first, then assigns; one error lists every network's problems."""
+def check_all(checks):
+    """Checks every ``(model, weights, network)``; one `CheckpointError` lists every network's problems."""
     problems = []
-    for model, weights, network in assignments:
+    for model, weights, network in checks:
         try:
             check_weights(model, weights, network)
         except CheckpointError as error:
             problems.append(str(error))
     if problems:
         raise CheckpointError("\n".join(problems))
+
+
+def assign_all(assignments):
+    """Checks every ``(model, weights, network)`` first (`check_all`), then assigns."""
+    check_all(assignments)
     for model, weights, network in assignments:
         assign_weights(model, weights, network)

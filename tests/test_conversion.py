@@ -106,6 +106,34 @@ np.savez({str(tmp_path / 'ours.npz')!r},
     assert_matches(ours, model["expected"])
 
 
+def test_loading_a_converted_folder_reads_each_tensor_once_and_draws_no_random_weights(model, tmp_path,
+                                                                                       monkeypatch):
+    """Loading builds each variable from its tensor as the tensor is read: no Keras random initializer runs
+    (their cost, and one compiled program per shape on JAX) and no tensor is read, so held, twice."""
+    import keras
+
+    from weights_conversion import readers
+
+    output = tmp_path / "converted"
+    assert convert_main([str(model["folder"] / "model.safetensors"), str(output)]) == 0
+    reads, draws = {}, []
+    read = readers.LazyTensor.__array__
+
+    def counted_read(tensor, *args, **kwargs):
+        reads[(tensor.path, tensor.name)] = reads.get((tensor.path, tensor.name), 0) + 1
+        return read(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(readers.LazyTensor, "__array__", counted_read)
+    for initializer in (keras.initializers.GlorotUniform, keras.initializers.RandomUniform):
+        monkeypatch.setattr(initializer, "__call__", lambda *args, **kwargs: draws.append(args))
+    sd = load(output)
+    assert_matches(our_outputs(sd), model["expected"])
+    tensors = sum(len(readers.read_state_dict(str(output / f"{network}.safetensors"), lazy=True))
+                  for network in ("unet", "vae", "text_encoder"))
+    assert len(reads) == tensors and set(reads.values()) == {1}
+    assert draws == []
+
+
 def test_half_precision_checkpoint_loads(model, tmp_path):
     half = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in model["ldm"].items()}
     save_file(half, str(tmp_path / "half.safetensors"))
