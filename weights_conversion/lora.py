@@ -1,4 +1,4 @@
-"""LoRA files -> low-rank updates of our weights, as pure functions over numpy arrays.
+"""LoRA files <-> low-rank updates of our weights, as pure functions over numpy arrays (`write_lora` at the end).
 
 Two families of files, told apart by their key names:
 
@@ -43,6 +43,7 @@ import re
 import numpy as np
 
 from weights_conversion import keras_names, ldm, readers
+from weights_conversion.convert import write_safetensors
 from weights_conversion.errors import CheckpointError
 
 NETWORKS = ("unet", "text_encoder")
@@ -495,8 +496,6 @@ def write_lora(path, updates, format="diffusers"):
 
     >>> write_lora("style.safetensors", {"unet": unet_updates}, format="kohya")   # doctest: +SKIP
     """
-    from weights_conversion.convert import write_safetensors  # convert reads LoRA-free sources; no cycle at import
-
     state_dict, metadata = lora_state_dict(updates, format)
     if not state_dict:
         raise ValueError("No LoRA updates to write")
