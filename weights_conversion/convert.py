@@ -12,6 +12,7 @@ Example (from the command line, without TensorFlow or PyTorch):
     python -m weights_conversion v1-5-pruned-emaonly.safetensors converted/
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -122,14 +123,7 @@ def convert_source(path, lazy=False):
 
 def save_converted(converted, output_dir):
     """Writes a converted folder atomically: a temporary sibling, renamed into place when complete."""
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise FileExistsError(f"Output folder {output_dir!r} exists and is not empty.")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
-    try:
+    with staged_folder(output_dir) as staging:
         total = sum(array.nbytes for network in NETWORKS for array in converted.weights[network].values())
         with progress.bar("writing", total) as advance:
             for network in NETWORKS:
@@ -146,22 +140,43 @@ def save_converted(converted, output_dir):
         manifest = {"format_version": FORMAT_VERSION, "source": converted.source}
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
+    return os.path.abspath(output_dir)
+
+
+@contextlib.contextmanager
+def staged_folder(output_dir):
+    """A temporary sibling of ``output_dir`` to write into, renamed to ``output_dir`` when the block completes and
+    removed if it fails, so that ``output_dir`` is never seen half-written.
+
+    Raises:
+        FileExistsError: ``output_dir`` exists and is not an empty folder.
+    """
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"Output folder {output_dir!r} exists and is not empty.")
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
+    try:
+        yield staging
         if os.path.exists(output_dir):
             os.rmdir(output_dir)
         os.rename(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return output_dir
 
 
-def write_safetensors(path, arrays, advance=lambda n: None):
-    """Writes ``{name: array}`` as a safetensors file, one tensor at a time.
+def write_safetensors(path, arrays, advance=lambda n: None, metadata=None):
+    """Writes ``{name: array}`` as a safetensors file, one tensor at a time, atomically.
 
     The format is an 8-byte little-endian header length, a JSON table of names, dtypes, shapes and byte
     offsets (padded with spaces to a multiple of 8 bytes), then each tensor's little-endian bytes in the
     table's order. Streaming the tensors keeps a second copy of the whole file out of memory (which
     `safetensors.numpy.save_file` builds), and lets ``advance(nbytes)`` report progress per tensor.
+    ``metadata`` (``{str: str}``) becomes the header's ``__metadata__``. The file is written beside ``path``
+    and renamed into place when complete, so no half-written file ever has its name.
 
     Example:
 
@@ -174,6 +189,10 @@ def write_safetensors(path, arrays, advance=lambda n: None):
     """
     names = sorted(arrays)
     header, offset = {}, 0
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map strings to strings")
+        header["__metadata__"] = dict(metadata)
     for name in names:
         array = arrays[name]
         dtype = array.dtype.newbyteorder("=")  # big-endian arrays are written as little-endian ones
@@ -184,10 +203,19 @@ def write_safetensors(path, arrays, advance=lambda n: None):
         offset += array.nbytes
     table = json.dumps(header, separators=(",", ":")).encode()
     table += b" " * (-len(table) % 8)
-    with open(path, "wb") as f:
-        f.write(len(table).to_bytes(8, "little"))
-        f.write(table)
-        for name in names:
-            array = np.ascontiguousarray(arrays[name], dtype=arrays[name].dtype.newbyteorder("<"))
-            f.write(memoryview(array.reshape(-1)).cast("B"))
-            advance(array.nbytes)
+    path = os.fspath(path)
+    staging = tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".writing-",
+                                          suffix=".safetensors", delete=False)
+    try:
+        with staging as f:
+            f.write(len(table).to_bytes(8, "little"))
+            f.write(table)
+            for name in names:
+                array = np.ascontiguousarray(arrays[name], dtype=arrays[name].dtype.newbyteorder("<"))
+                f.write(memoryview(array.reshape(-1)).cast("B"))
+                advance(array.nbytes)
+        os.chmod(staging.name, 0o644)  # NamedTemporaryFile makes it private; the finished file is an ordinary one
+        os.replace(staging.name, path)
+    except BaseException:
+        os.remove(staging.name)
+        raise
