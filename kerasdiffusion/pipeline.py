@@ -459,12 +459,12 @@ class StableDiffusion:
 
     # The denoising loop.
 
-    def _denoise(self, latents, context, unconditional, guidance, plan, seed, start=0, extra_channels=None,
+    def _denoise(self, latents, context, unconditional, guidance, plan, keys, start=0, extra_channels=None,
                  keep=None, verbose=True):
         scheduler = self.scheduler
         noises = None
         if scheduler.stochastic:
-            noises = seeds.step_normals(seed, range(latents.shape[0]), len(plan.timesteps), latents.shape[1:])
+            noises = seeds.keys_step_normals(keys, len(plan.timesteps), latents.shape[1:])
         conditioning = Conditioning(context, unconditional, guidance, extra_channels, keep)
         loop = self.loop or default_loop()
         return self._denoiser(scheduler, plan, latents, conditioning, start=start, noises=noises, loop=loop,
@@ -523,10 +523,10 @@ class StableDiffusion:
         if not np.isfinite(unconditional_guidance_scale):
             raise ValueError(f"unconditional_guidance_scale must be finite, got {unconditional_guidance_scale!r}")
 
-    def _noise(self, diffusion_noise, shape, seed):
-        """The given noise (``[1, ...]`` repeated to the batch), or item b's standard normal from the seed."""
+    def _noise(self, diffusion_noise, shape, keys):
+        """The given noise (``[1, ...]`` repeated to the batch), or each item's standard normal from its key."""
         if diffusion_noise is None:
-            return seeds.batch_normal(seed, range(shape[0]), 0, shape[1:])
+            return seeds.keys_normal(keys, 0, shape[1:])
         noise = np.asarray(ops.convert_to_numpy(diffusion_noise), np.float32)
         if noise.ndim == 4 and noise.shape[0] == 1 and shape[0] > 1:
             noise = np.repeat(noise, shape[0], axis=0)
@@ -550,8 +550,10 @@ class StableDiffusion:
             unconditional_guidance_scale: classifier-free guidance scale; <= 1 disables guidance.
             diffusion_noise: initial latents `[batch_size, H/8, W/8, 4]`, standard normal (the scheduler's
                 initial sigma is applied here); `None` draws them from `seed`.
-            seed: makes the result reproducible; each batch item's noise depends only on the seed and its
-                index, the same on every backend and device.
+            seed: makes the result reproducible: `None` (drawn at random), an integer (image ``b`` of the
+                batch has the key ``(seed, b)``), or a list of `batch_size` pairs ``(seed, index)``, one key per
+                image, so that one batch can hold images of different seeds. An image's noise depends only on
+                its key: ``seed=[(s, b)]`` alone gives image ``b`` of ``seed=s``, on every backend and device.
 
         Returns:
             uint8 numpy array `[batch_size, img_height, img_width, 3]`.
@@ -564,17 +566,19 @@ class StableDiffusion:
         """
         _check_positive("batch_size", batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
-        seed = seeds.check_seed(seed)
+        keys = seeds.item_keys(seed, batch_size)
         context, unconditional = self._contexts(encoded_text, negative_prompt, batch_size, "encoded_text")
-        noise = self._noise(diffusion_noise, self._latent_shape(batch_size, self.img_height, self.img_width), seed)
+        noise = self._noise(diffusion_noise, self._latent_shape(batch_size, self.img_height, self.img_width), keys)
         plan = self.scheduler.plan(num_steps)
         latents = self._denoise(noise * plan.init_noise_sigma, context, unconditional, unconditional_guidance_scale,
-                                plan, seed, verbose=verbose)
+                                plan, keys, verbose=verbose)
         return self._decode(latents)
 
     def text_to_image(self, prompt, negative_prompt=None, batch_size=1, num_steps=50,
                       unconditional_guidance_scale=7.5, seed=None, verbose=True):
         """Generates images from a prompt (a string, or a list with one prompt per image).
+
+        `seed` is as in `generate_image`: an integer, `None`, or one ``(seed, index)`` pair per image.
 
         Returns:
             uint8 numpy array `[batch_size, img_height, img_width, 3]`.
@@ -586,7 +590,7 @@ class StableDiffusion:
         """
         batch_size = self._resolve_batch(prompt, batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
-        seeds.check_seed(seed)
+        seeds.item_keys(seed, batch_size)  # a bad seed fails before the prompt is encoded
         texts = _texts(prompt)
         with self._prompt_loras(texts):
             return self.generate_image(self._encode(texts), negative_prompt, batch_size, num_steps,
@@ -599,7 +603,8 @@ class StableDiffusion:
         As in diffusers, the encoded image (the VAE posterior's mean) is noised to the step `strength`
         selects and only the remaining `int(num_steps * strength)` steps run. The output has the input
         image's size (a multiple of 8). `diffusion_noise` (`[batch_size, H/8, W/8, 4]`, standard normal) is
-        the noise added to the encoded image; `None` draws it from `seed`.
+        the noise added to the encoded image; `None` draws it from `seed` (an integer, or one
+        ``(seed, index)`` pair per image, as in `generate_image`).
 
         Example:
 
@@ -610,10 +615,10 @@ class StableDiffusion:
         self._check_common(num_steps, unconditional_guidance_scale)
         if not 0.0 <= float(strength) <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
-        seed = seeds.check_seed(seed)
+        keys = seeds.item_keys(seed, batch_size)
         pixels = self._image_input(image, batch_size)
         init_latents = self._encode_images(pixels)
-        noise = self._noise(diffusion_noise, init_latents.shape, seed)
+        noise = self._noise(diffusion_noise, init_latents.shape, keys)
         plan = self.scheduler.plan(num_steps)
         start = self.scheduler.start_index(plan, float(strength))
         if start == len(plan.timesteps):
@@ -621,7 +626,7 @@ class StableDiffusion:
         latents = ops.convert_to_numpy(self.scheduler.add_noise(plan, init_latents, noise, start))
         with self._prompt_loras(_texts(prompt)):
             context, unconditional = self._contexts(self._encode(_texts(prompt)), negative_prompt, batch_size, "prompt")
-            latents = self._denoise(latents, context, unconditional, unconditional_guidance_scale, plan, seed,
+            latents = self._denoise(latents, context, unconditional, unconditional_guidance_scale, plan, keys,
                                     start=start, verbose=verbose)
             return self._decode(latents)
 
@@ -633,7 +638,8 @@ class StableDiffusion:
         the masked image's latents as extra input channels, as diffusers feeds them; an ordinary UNet
         repaints by blending the re-noised original latents outside the mask after every step.
         `diffusion_noise` (`[batch_size, H/8, W/8, 4]`, standard normal) is the starting noise, and for an
-        ordinary UNet also the noise that re-noises the kept region; `None` draws it from `seed`.
+        ordinary UNet also the noise that re-noises the kept region; `None` draws it from `seed` (an integer,
+        or one ``(seed, index)`` pair per image, as in `generate_image`).
 
         Example:
 
@@ -642,13 +648,13 @@ class StableDiffusion:
         """
         batch_size = self._resolve_batch(prompt, batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
-        seed = seeds.check_seed(seed)
+        keys = seeds.item_keys(seed, batch_size)
         pixels = self._image_input(image, batch_size)
         mask = I.mask_from_input(mask, pixels.shape[1], pixels.shape[2])
         latent_mask = np.ascontiguousarray(
             np.broadcast_to(mask[::8, ::8][None, :, :, None], (batch_size, *mask[::8, ::8].shape, 1)), np.float32
         )
-        noise = self._noise(diffusion_noise, self._latent_shape(batch_size, pixels.shape[1], pixels.shape[2]), seed)
+        noise = self._noise(diffusion_noise, self._latent_shape(batch_size, pixels.shape[1], pixels.shape[2]), keys)
         plan = self.scheduler.plan(num_steps)
         extra_channels = keep = None
         if self.components.unet_channels > self.components.latent_channels:
@@ -659,7 +665,7 @@ class StableDiffusion:
         with self._prompt_loras(_texts(prompt)):
             context, unconditional = self._contexts(self._encode(_texts(prompt)), negative_prompt, batch_size, "prompt")
             latents = self._denoise(noise * plan.init_noise_sigma, context, unconditional,
-                                    unconditional_guidance_scale, plan, seed, extra_channels=extra_channels, keep=keep,
+                                    unconditional_guidance_scale, plan, keys, extra_channels=extra_channels, keep=keep,
                                     verbose=verbose)
             return self._decode(latents)
 
