@@ -134,3 +134,37 @@ def compile_function(function, variables, jit_compile=True):
 # networks already does; so the cache is set up when this module is first imported, before any of that.
 if keras.backend.backend() in BACKENDS:
     use_compile_cache()
+
+
+def process_index_and_count():
+    """``(index, count)`` of this process among the hosts of a multi-host run: JAX's process index and count
+    once `jax.distributed` is initialised, else ``(0, 1)`` (TensorFlow's hosts are described by ``TF_CONFIG``)."""
+    if name() == "jax":
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    return 0, 1
+
+
+def local_distribution(count=None):
+    """Data parallelism over the first ``count`` devices of this host (all of them: None).
+
+    Returns:
+        ``(distribution, devices)``: a `tf.distribute.MirroredStrategy` (TensorFlow) or a
+        `keras.distribution.DataParallel` (JAX) over those devices, or None for one device (the plain path);
+        and how many devices that is.
+    """
+    devices = keras.distribution.list_devices()
+    if count is not None:
+        if count > len(devices):
+            raise ValueError(f"{count} devices asked for, but this host has {len(devices)}: {', '.join(devices)}")
+        devices = devices[:count]
+    if len(devices) == 1:
+        return None, 1
+    if name() == "tensorflow":
+        import tensorflow as tf
+
+        kind = device_type().upper()
+        logical = [device.name for device in tf.config.list_logical_devices(kind)][: len(devices)]
+        return tf.distribute.MirroredStrategy(logical), len(logical)
+    return keras.distribution.DataParallel(devices=devices), len(devices)
