@@ -277,15 +277,16 @@ def write_pngs(images, paths, texts):
     return list(paths)
 
 
-def write_durably(data, path):
+def write_durably(data, path, shared=False):
     """Writes ``data`` (bytes) to ``path`` so that a crash at any moment leaves the old file or the new one.
 
-    The bytes go to ``.NAME.tmp`` beside the target, reach the disk (fsync), and are renamed over it; the
-    rename is made durable by syncing the folder too. A temporary file left by a crash is overwritten by
-    the next write of the same path.
+    The bytes go to a temporary file beside the target, reach the disk (fsync), and are renamed over it; the
+    rename is made durable by syncing the folder too. The temporary file is ``.NAME.tmp``, which the next
+    write of the same path overwrites should a crash leave it behind; with ``shared`` (a file several
+    processes may write at once, with the same content), a name of its own per write.
     """
     folder, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{name}.tmp")
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp" if shared else f".{name}.tmp")
     with open(temporary, "wb") as f:
         f.write(data)
         f.flush()

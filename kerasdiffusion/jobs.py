@@ -129,7 +129,8 @@ class JobSettings:
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
-            problem = check_field(field.name, getattr(self, field.name), "images" if field.name == "batch_size" else None)
+            rule = "images" if field.name == "batch_size" else None  # a count >= 1, as images is
+            problem = check_field(field.name, getattr(self, field.name), rule)
             if problem:
                 raise ValueError(problem)
 
@@ -354,15 +355,15 @@ def prompt_chunks(sd):
 # ------------------------------------------------------------------------------------ folder and manifest
 
 
-def job_description(sd, job):
-    """What makes two runs the same job (``job.json``): the model, the pipeline's settings, the job's
-    settings and the prompts file's sha256. The device count and the worker are not part of it: a job may
-    resume on another machine."""
+def job_description(sd, job, model_hash):
+    """What makes two runs the same job (``job.json``): the model (its source and `sources.model_hash`), the
+    pipeline's settings, the job's settings and the prompts file's sha256. The device count and the worker
+    are not part of it: a job may resume on another machine."""
     source = sd.source if sources.is_hub_id(sd.source) else os.path.abspath(sd.source)
     return {
         "format": JOB_FORMAT,
         "model": source,
-        "model_hash": sources.model_hash(sd.source),
+        "model_hash": model_hash,
         "scheduler": sd.scheduler.name,
         "precision": sd.precision,
         "prompt_syntax": sd.prompt_syntax,
@@ -395,7 +396,7 @@ def claim_folder(folder, description):
     existing = read_description(folder)
     if existing is None:
         I.write_durably(json.dumps(description, indent=1, sort_keys=True).encode() + b"\n",
-                        os.path.join(folder, JOB_FILE))
+                        os.path.join(folder, JOB_FILE), shared=True)
         return
     changed = [f"{name} {existing.get(name)!r} -> {description.get(name)!r}"
                for name in sorted(set(existing) | set(description)) if existing.get(name) != description.get(name)]
@@ -475,7 +476,7 @@ def write_merged_manifest(folder, tasks):
     if any(task.id not in finished for task in tasks):
         return False
     lines = [json.dumps(finished[key], sort_keys=True, ensure_ascii=False) + "\n" for key in sorted(finished)]
-    I.write_durably("".join(lines).encode(), os.path.join(folder, MANIFEST))
+    I.write_durably("".join(lines).encode(), os.path.join(folder, MANIFEST), shared=True)
     return True
 
 
@@ -569,7 +570,7 @@ def run_job(sd, job, folder, worker=None, devices=1, progress=True):
 
     worker = worker or current_worker()
     model_hash = sources.model_hash(sd.source)
-    claim_folder(folder, job_description(sd, job))
+    claim_folder(folder, job_description(sd, job, model_hash))
     finished = read_manifest(folder)
     tasks = job_tasks(job.records)
     batches = worker_batches(plan_batches(tasks, job.settings.batch_size, prompt_chunks(sd)), worker)

@@ -182,7 +182,7 @@ def test_a_job_writes_a_png_per_image_and_its_manifest(uninterrupted, model):
     manifest = jobs.read_manifest(uninterrupted)
     assert set(manifest) == TASKS and len((uninterrupted / "manifest.jsonl").read_text().splitlines()) == len(TASKS)
     first = manifest[1, 1]
-    assert first["file"] == "00001-1.png" and first["prompt"] == "a red cube" and first["seed"] == jobs.record_seed(SEED, 1)
+    assert (first["file"], first["prompt"], first["seed"]) == ("00001-1.png", "a red cube", jobs.record_seed(SEED, 1))
     assert (first["num_steps"], first["guidance"], first["width"], first["height"]) == (2, 7.5, 32, 32)
     assert (manifest[3, 0]["width"], manifest[3, 0]["num_steps"], manifest[3, 0]["guidance"]) == (16, 1, 5.0)
     pixels, text = read_png(uninterrupted / "00002-0.png")
