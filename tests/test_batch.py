@@ -169,6 +169,11 @@ def test_a_bad_record_stops_the_command_before_any_work(model, tmp_path, capfd):
     empty = write(tmp_path, "empty.txt", "# nothing\n\n")
     assert main(["batch", str(empty), "--out", str(tmp_path / "out"), "--model", str(model), "--quiet"]) == 1
     assert capfd.readouterr().err.splitlines() == [f"error: {empty}: holds no prompts"]
+    good = write(tmp_path, "good.txt", "a cat\n")
+    assert main(["batch", str(good), "--out", str(tmp_path / "out"), "--model", str(model), "--devices", "99"]) == 1
+    error = capfd.readouterr().err.splitlines()
+    assert len(error) == 1 and error[0].startswith("error: 99 devices asked for, but this host has 1"), error
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------------- jobs
