@@ -348,6 +348,8 @@ def run_generate(args):
 
 def run_batch(args):
     check_batch_args(args)
+    if args.no_cache:  # for the model hash the job records, too
+        os.environ[sources.NO_CACHE_ENV] = "1"
     settings = jobs.JobSettings(seed=batch_seed(args), negative_prompt=args.negative_prompt, num_steps=args.steps,
                                 guidance=args.guidance, width=args.width, height=args.height,
                                 images=args.images_per_prompt, batch_size=args.batch_size)
@@ -363,8 +365,7 @@ def run_batch(args):
                                          jit_compile=not args.no_xla, scheduler=args.scheduler,
                                          precision=None if args.precision == "auto" else args.precision,
                                          prompt_syntax=args.prompt_syntax, distribution=distribution,
-                                         revision=args.revision, cache=False if args.no_cache else None,
-                                         progress=not args.quiet)
+                                         revision=args.revision, progress=not args.quiet)
     worker = jobs.current_worker()
     on = f"{devices} device{'s' if devices > 1 else ''}"
     say(f"Loaded {args.model} in {time.perf_counter() - start:.1f} s; job seed {settings.seed}; {on}"
