@@ -14,6 +14,7 @@ Example:
 """
 
 import contextlib
+import copy
 import dataclasses
 import os
 import warnings
@@ -21,7 +22,7 @@ import warnings
 import numpy as np
 from keras import ops
 
-from kerasdiffusion import adapters, backend, prompts, seeds, sources
+from kerasdiffusion import adapters, backend, distribute, prompts, seeds, sources
 from kerasdiffusion import images as I
 from kerasdiffusion import schedulers as S
 from kerasdiffusion.components import Components, check_precision, load_components
@@ -67,9 +68,12 @@ def check_clip_skip(clip_skip):
                          f"got {clip_skip!r}")
 
 
-def _check_distribution(distribution):
-    if distribution is not None:
-        raise NotImplementedError("distribution= is not supported yet: pass None (one device)")
+def _placed(components, distribution):
+    """``components`` with every network's variables living as ``distribution`` wants (copied where not)."""
+    networks = {name: distribute.placed(model, distribution) for name, model in components.networks.items()}
+    if all(networks[name] is model for name, model in components.networks.items()):
+        return components
+    return dataclasses.replace(components, **networks, loras=copy.deepcopy(components.loras))
 
 
 class StableDiffusion:
@@ -93,7 +97,12 @@ class StableDiffusion:
             2 the penultimate (diffusers' `clip_skip=1`). SD 1.x only.
         loop: `"steps"` (one compiled program per denoising step, with a live progress bar) or
             `"compiled"` (the whole loop in one program); `None` picks per device type. Same images.
-        distribution: reserved for multi-device generation; only `None` (one device) for now.
+        distribution: generate on several devices: on TensorFlow a `tf.distribute.Strategy`
+            (`OneDeviceStrategy`, `MirroredStrategy`, `TPUStrategy`, `MultiWorkerMirroredStrategy`), on JAX a
+            `keras.distribution.DataParallel`; `None` is one device. The networks are built under its scope,
+            the global batch is split over the replicas (padded to a multiple of their number, the padding
+            dropped), and the text encoder, the denoising loop and the decoder run on every replica. The
+            images equal a one-device run's for the same seeds. See `kerasdiffusion.distribute`.
         revision: for a Hub id, the branch, tag or commit to load (default: the main branch).
         cache: whether converted weights are read from and written to the conversion cache; `None`
             follows ``$KERASDIFFUSION_NO_CACHE`` (on unless it is set).
@@ -115,8 +124,8 @@ class StableDiffusion:
         check_prompt_syntax(prompt_syntax)
         check_clip_skip(clip_skip)
         _check_loop(loop)
-        _check_distribution(distribution)
         backend.name()
+        self.distribution = distribute.check_distribution(distribution, jit_compile)
         self.img_width, self.img_height = int(img_width), int(img_height)
         self.jit_compile = jit_compile
         self.prompt_syntax = prompt_syntax
@@ -137,7 +146,9 @@ class StableDiffusion:
 
         `load_components` and `from_components` together. The family (SD 1.x, 2.x, 9-channel inpainting)
         and all sizes are read from the weights' shapes. `prediction_type` (`"epsilon"` /
-        `"v_prediction"`) overrides what the source's scheduler config says. `revision` picks a Hub id's
+        `"v_prediction"`) overrides what the source's scheduler config says. `distribution` (a
+        `tf.distribute.Strategy` / `keras.distribution.DataParallel`) builds the networks under its scope and
+        runs every program over its replicas (see the constructor). `revision` picks a Hub id's
         branch, tag or commit; `cache=False` neither reads nor writes the conversion cache (`None` follows
         ``$KERASDIFFUSION_NO_CACHE``); `progress=False` hides the bars. `prompt_syntax` and `clip_skip` are
         the constructor's.
@@ -158,6 +169,8 @@ class StableDiffusion:
         """A pipeline over ready `Components` (from `load_components`, or networks of your own).
 
         LoRAs are fused into the components' networks: pipelines sharing components share their LoRAs.
+        With a `distribution`, networks whose variables were not built under its scope are copied under it
+        (weights and fused LoRAs included): the pipeline then runs, and adapts, its own copies.
 
         Example:
 
@@ -177,11 +190,12 @@ class StableDiffusion:
         if self.clip_skip > 1 and components.family.name != "sd1":
             raise ValueError(f"clip_skip={self.clip_skip} applies to SD 1.x only (AUTOMATIC1111 ignores it for "
                              f"{components.family.name}, whose text encoder already stops at its penultimate layer)")
+        components = _placed(components, self.distribution)
         self._components = components
         self._base_tokenizer = components.tokenizer
         self._base_rows = components.text_encoder.get_layer("token_embedding").input_dim
         self._embeddings = {}  # textual-inversion token -> vectors [n, D], in loading order
-        self._denoiser = Denoiser(components.diffusion_model, self.jit_compile)
+        self._denoiser = Denoiser(components.diffusion_model, self.jit_compile, self.distribution)
         self._programs = {}
         self._set_text_side(components.tokenizer, components.text_encoder)
         self._scheduler = self._scheduler.for_checkpoint(components.scheduler_config)
@@ -197,7 +211,8 @@ class StableDiffusion:
     def components(self):
         """The `Components` this pipeline runs (loaded from the source on first use)."""
         if self._components is None:
-            self._set_components(load_components(self.source, **self._load_options))
+            with distribute.scope(self.distribution):
+                self._set_components(load_components(self.source, **self._load_options))
         return self._components
 
     @property
@@ -362,8 +377,10 @@ class StableDiffusion:
 
     def _set_embeddings(self, embeddings):
         parts = self.components
-        tokenizer, text_encoder = adapters.with_embeddings(self._base_tokenizer, parts.text_encoder, self._base_rows,
-                                                           embeddings, parts.family, parts.precision)
+        with distribute.scope(self.distribution):
+            tokenizer, text_encoder = adapters.with_embeddings(self._base_tokenizer, parts.text_encoder,
+                                                               self._base_rows, embeddings, parts.family,
+                                                               parts.precision)
         self._embeddings = dict(embeddings)
         self._set_text_side(tokenizer, text_encoder)
 
@@ -372,8 +389,8 @@ class StableDiffusion:
     def _network_call(self, name):
         if name not in self._programs:
             model = self.text_encoder if name == "text_encoder" else self.components.networks[name]
-            self._programs[name] = backend.compile_function(lambda x: model(x, training=False), model.weights,
-                                                            self.jit_compile)
+            self._programs[name] = distribute.compile_function(lambda x: model(x, training=False), model.weights,
+                                                               self.jit_compile, self.distribution)
         return self._programs[name]
 
     def encode_text(self, prompt):

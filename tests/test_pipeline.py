@@ -327,7 +327,7 @@ def test_bad_input_is_named(sd, call, message):
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="loop must be one of steps, compiled or None, got 'fast'"):
         StableDiffusion(loop="fast")
-    with pytest.raises(NotImplementedError, match="distribution"):
+    with pytest.raises(TypeError, match="distribution= on Keras' .* backend takes"):
         StableDiffusion(distribution=object())
     with pytest.raises(ValueError, match="multiple of 8"):
         StableDiffusion(img_width=500)
