@@ -145,26 +145,3 @@ def process_index_and_count():
         return jax.process_index(), jax.process_count()
     return 0, 1
 
-
-def local_distribution(count=None):
-    """Data parallelism over the first ``count`` devices of this host (all of them: None).
-
-    Returns:
-        ``(distribution, devices)``: a `tf.distribute.MirroredStrategy` (TensorFlow) or a
-        `keras.distribution.DataParallel` (JAX) over those devices, or None for one device (the plain path);
-        and how many devices that is.
-    """
-    devices = keras.distribution.list_devices()
-    if count is not None:
-        if count > len(devices):
-            raise ValueError(f"{count} devices asked for, but this host has {len(devices)}: {', '.join(devices)}")
-        devices = devices[:count]
-    if len(devices) == 1:
-        return None, 1
-    if name() == "tensorflow":
-        import tensorflow as tf
-
-        kind = device_type().upper()
-        logical = [device.name for device in tf.config.list_logical_devices(kind)][: len(devices)]
-        return tf.distribute.MirroredStrategy(logical), len(logical)
-    return keras.distribution.DataParallel(devices=devices), len(devices)

@@ -357,20 +357,21 @@ def run_batch(args):
     say = _printer(args.quiet)
     start = time.perf_counter()
     start_backend(args.verbose)
-    from kerasdiffusion import backend
+    from kerasdiffusion import distribute
     from kerasdiffusion.pipeline import StableDiffusion
 
-    distribution, devices = backend.local_distribution(args.devices)
+    distribution = distribute.local_distribution(args.devices)
     sd = StableDiffusion.from_pretrained(args.model, img_width=args.width, img_height=args.height,
                                          jit_compile=not args.no_xla, scheduler=args.scheduler,
                                          precision=None if args.precision == "auto" else args.precision,
                                          prompt_syntax=args.prompt_syntax, distribution=distribution,
                                          revision=args.revision, progress=not args.quiet)
     worker = jobs.current_worker()
+    devices = distribute.replica_count(distribution)
     on = f"{devices} device{'s' if devices > 1 else ''}"
     say(f"Loaded {args.model} in {time.perf_counter() - start:.1f} s; job seed {settings.seed}; {on}"
         + (f"; worker {worker.index + 1} of {worker.count}" if worker.count > 1 else ""))
-    summary = jobs.run_job(sd, job, args.out, worker=worker, devices=devices, progress=not args.quiet)
+    summary = jobs.run_job(sd, job, args.out, worker=worker, progress=not args.quiet)
     say(f"Made {summary} -> {args.out}")
     return 0
 

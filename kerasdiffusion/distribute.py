@@ -191,3 +191,28 @@ def _jax_sharded(compiled, distribution):
         return compiled(*keras.tree.map_structure(sharded, args))
 
     return call
+
+
+def local_distribution(count=None):
+    """Data parallelism over the first ``count`` devices of this host (all of them: None); None for one device.
+
+    A `tf.distribute.MirroredStrategy` over those devices on TensorFlow, a `keras.distribution.DataParallel`
+    on JAX: what ``kerasdiffusion batch --devices N`` runs on.
+
+    Example:
+
+    >>> sd = kd.StableDiffusion(distribution=local_distribution())                  # doctest: +SKIP
+    """
+    devices = keras.distribution.list_devices()
+    if count is not None:
+        if count > len(devices):
+            raise ValueError(f"{count} devices asked for, but this host has {len(devices)}: {', '.join(devices)}")
+        devices = devices[:count]
+    if len(devices) == 1:
+        return None
+    if backend.name() == "tensorflow":
+        import tensorflow as tf
+
+        logical = tf.config.list_logical_devices(backend.device_type().upper())
+        return tf.distribute.MirroredStrategy([device.name for device in logical[: len(devices)]])
+    return keras.distribution.DataParallel(devices=devices)

@@ -542,11 +542,11 @@ def sized_pipeline(sd, width, height, pipelines):
     if (width, height) not in pipelines:
         pipelines[width, height] = type(sd).from_components(
             sd.components, width, height, jit_compile=sd.jit_compile, scheduler=sd.scheduler,
-            prompt_syntax=sd.prompt_syntax, clip_skip=sd.clip_skip, loop=sd.loop, distribution=getattr(sd, "distribution", None))
+            prompt_syntax=sd.prompt_syntax, clip_skip=sd.clip_skip, loop=sd.loop, distribution=sd.distribution)
     return pipelines[width, height]
 
 
-def run_job(sd, job, folder, worker=None, devices=1, progress=True):
+def run_job(sd, job, folder, worker=None, progress=True):
     """Runs (or resumes) a job into ``folder``: a PNG per image and ``manifest.jsonl``.
 
     Args:
@@ -555,7 +555,6 @@ def run_job(sd, job, folder, worker=None, devices=1, progress=True):
         job: `read_job`'s `Job`.
         folder: the output folder (made if missing). One that holds another job raises `JobConflictError`.
         worker: this process's `Worker` share; None: `current_worker()` (``TF_CONFIG``, JAX processes).
-        devices: the devices ``sd`` runs on (for the summary's images/s per device).
         progress: show a progress bar over images.
 
     Returns:
@@ -597,7 +596,9 @@ def run_job(sd, job, folder, worker=None, devices=1, progress=True):
     if worker.count > 1:
         write_merged_manifest(folder, tasks)
     skipped = sum(task.id in finished for batch in batches for task in batch.tasks)
-    return JobSummary(count, skipped, seconds, devices)
+    from kerasdiffusion import distribute  # Keras, so not at import: the command line checks a job before it loads
+
+    return JobSummary(count, skipped, seconds, distribute.replica_count(sd.distribution))
 
 
 def current_worker():
