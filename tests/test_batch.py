@@ -252,8 +252,12 @@ def test_two_tf_config_workers_share_one_job(uninterrupted, model, prompts, env,
 
 
 def test_an_unusable_model_is_one_error_line_without_tensorflow_noise(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "kerasdiffusion", "generate", "a cat", "--model", "/nonexistent"],
-                            capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120,
-                            check=False)
-    assert result.returncode != 0
-    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: No model at '/nonexistent'")
+    """Before weights are looked for (no TensorFlow imported), and after TensorFlow started (the Hub's default
+    model, offline): one line either way."""
+    for model in ("/nonexistent", sources.DEFAULT_MODEL):
+        result = subprocess.run([sys.executable, "-m", "kerasdiffusion", "generate", "a cat", "--model", model],
+                                capture_output=True, text=True, timeout=120, check=False,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf")))
+        assert result.returncode != 0
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "/nonexistent" not in result.stderr and "Hugging Face Hub" in result.stderr
