@@ -73,17 +73,20 @@ def main():
             start = time.perf_counter()
             generate(sd)
             times[name].append(time.perf_counter() - start)
-    plain = float(np.median(times["plain"]))
+    plain_median, plain_min = float(np.median(times["plain"])), min(times["plain"])
     largest = max(int(np.abs(images[name].astype(int) - images["plain"].astype(int)).max()) for name in images)
     print(f"backend {keras.backend.backend()}, CPU flags: {cpu_flags()}; load average {os.getloadavg()}; "
-          f"{args.size}x{args.size}, batch {args.batch_size}, {args.steps} steps (loop={args.loop}, dpmpp_2m, guidance: UNet batch "
-          f"{2 * args.batch_size}), {args.repeats} runs each in turn; largest pixel difference from plain: {largest}")
-    print("| backend | path | first call (compile + run) s | min s | median s | median / plain |")
-    print("|---|---|---|---|---|---|")
+          f"{args.size}x{args.size}, batch {args.batch_size}, {args.steps} steps (loop={args.loop}, dpmpp_2m, "
+          f"guidance: UNet batch {2 * args.batch_size}), {args.repeats} runs each in turn; largest pixel difference "
+          f"from plain: {largest}")
+    print("| backend | path | first call (compile + run) s | runs s | min s | min / plain | median s | "
+          "median / plain |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in pipelines:
-        median = float(np.median(times[name]))
-        print(f"| {keras.backend.backend()} | {name} | {firsts[name]:.1f} | {min(times[name]):.2f} | {median:.2f} | "
-              f"{median / plain:.3f} |")
+        best, median = min(times[name]), float(np.median(times[name]))
+        runs = " ".join(f"{t:.2f}" for t in times[name])
+        print(f"| {keras.backend.backend()} | {name} | {firsts[name]:.1f} | {runs} | {best:.2f} | "
+              f"{best / plain_min:.3f} | {median:.2f} | {median / plain_median:.3f} |")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Logical devices must be set up before the backend starts, so each backend's check runs in a fresh process
 (`tests/distribution_worker.py`); both start when this module's first test asks and run side by side. They
-compare, item by item, a one-device run with runs over two replicas (TensorFlow's `MirroredStrategy`, both
-loop modes; JAX's `DataParallel`) and over one (`OneDeviceStrategy`, with XLA), for batch sizes 1, 2 and 3
-(3 does not divide between two replicas: the batch is padded and the padding dropped).
+compare, item by item, a one-device run with runs over two replicas (TensorFlow's `MirroredStrategy` with the
+networks copied into its scope, both loop modes, batch sizes 1, 2 and 3; JAX's `DataParallel`, batch size 3)
+and over one (`OneDeviceStrategy`, networks loaded under its scope). 3 does not divide between two replicas:
+the batch is padded and the padding dropped. TensorFlow runs without XLA there, which cannot place programs
+on a second CPU device; JAX compiles with XLA.
 """
 
 import json
