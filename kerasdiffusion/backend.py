@@ -134,3 +134,14 @@ def compile_function(function, variables, jit_compile=True):
 # networks already does; so the cache is set up when this module is first imported, before any of that.
 if keras.backend.backend() in BACKENDS:
     use_compile_cache()
+
+
+def process_index_and_count():
+    """``(index, count)`` of this process among the hosts of a multi-host run: JAX's process index and count
+    once `jax.distributed` is initialised, else ``(0, 1)`` (TensorFlow's hosts are described by ``TF_CONFIG``)."""
+    if name() == "jax":
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    return 0, 1
+

@@ -1,10 +1,12 @@
 """The ``kerasdiffusion`` command (also ``python -m kerasdiffusion``): argparse over the pipeline, no model logic.
 
     kerasdiffusion generate "a watercolor fox" --steps 25 --seed 1 --out fox.png
+    kerasdiffusion batch prompts.txt --out renders --images-per-prompt 4 --batch-size 8
     kerasdiffusion convert v1-5-pruned-emaonly.safetensors sd15-keras/
 
 Every input is checked before any weights are read; bad input prints one line starting with ``error:`` on
-stderr and exits with a non-zero status, and no output file is left behind.
+stderr and exits with a non-zero status, and no output file is left behind. TensorFlow's and XLA's own
+start-up lines are kept off the terminal unless ``--verbose`` is given.
 
 Example:
 
@@ -23,9 +25,10 @@ import sys
 import tempfile
 import time
 import typing
+import warnings
 
 from kerasdiffusion import images as I
-from kerasdiffusion import prompts, sources
+from kerasdiffusion import jobs, prompts, sources
 from kerasdiffusion.config import PRECISIONS, PROMPT_SYNTAXES, SCHEDULER_NAMES
 from weights_conversion import progress as conversion_progress
 from weights_conversion.convert import SINGLE_FILE_SUFFIXES, save_converted
@@ -67,6 +70,19 @@ examples:
   kerasdiffusion generate --from-png fox.png --out fox-again.png --lora-dir ./loras
 """
 
+BATCH_EXAMPLES = """\
+examples:
+  # two images of each prompt of prompts.txt, eight at a time over all devices, into renders/
+  kerasdiffusion batch prompts.txt --out renders --images-per-prompt 2 --batch-size 8 --steps 25 --seed 1
+
+  # a .jsonl file: each line may set its own negative prompt, seed, steps, guidance, size and image count
+  #   {"prompt": "a red fox", "seed": 7, "images": 4}
+  #   {"prompt": "a cabin in the snow", "width": 768, "height": 512, "num_steps": 30}
+  kerasdiffusion batch prompts.jsonl --out renders --model ./sd15-keras --devices 2
+
+  # after a crash or preemption: the same command again finishes the job
+"""
+
 # The generate options a PNG given with --from-png may set; each takes this value when neither says.
 GENERATE_DEFAULTS = dict(model=sources.DEFAULT_MODEL, negative_prompt="", steps=50, guidance=7.5, seed=None,
                          width=512, height=512, batch_size=1, scheduler="ddim", prompt_syntax="a1111", clip_skip=1)
@@ -92,7 +108,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser():
-    """The ``kerasdiffusion`` parser: the ``generate`` and ``convert`` commands."""
+    """The ``kerasdiffusion`` parser: the ``generate``, ``batch`` and ``convert`` commands."""
     parser = _Parser(
         prog="kerasdiffusion",
         description="Stable Diffusion in Keras 3 / TensorFlow: generate images from a text prompt, or convert\n"
@@ -102,6 +118,7 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_generate(commands)
+    _add_batch(commands)
     _add_convert(commands)
     _add_export(commands)
     return parser
@@ -173,6 +190,56 @@ def _add_generate(commands):
     generate.set_defaults(run=run_generate)
 
 
+def _add_batch(commands):
+    batch = commands.add_parser(
+        "batch", help="generate the images of a file of prompts into a folder, resumably, on every device",
+        description="Generate the images of a file of prompts into a folder: a PNG per image (named LINE-INDEX.png,\n"
+        "with generate's text chunks) and manifest.jsonl (a line per finished image). Run the same command\n"
+        "again after a crash or preemption to finish the job: finished images are skipped. All local devices\n"
+        "are used; with TF_CONFIG (several hosts), each worker makes its share into the same folder.",
+        epilog=BATCH_EXAMPLES, formatter_class=_Formatter,
+    )
+    batch.add_argument("prompts", metavar="PROMPTS",
+                       help="a .txt file (a prompt per line; blank lines and lines starting with # skipped) or a "
+                       ".jsonl file (per line: {\"prompt\": ..., and optionally \"negative_prompt\", \"seed\", "
+                       "\"num_steps\", \"guidance\", \"width\", \"height\", \"images\"})")
+    batch.add_argument("--out", "-o", metavar="DIR", required=True,
+                       help="the output folder (made if missing; a folder of another job is refused)")
+    batch.add_argument("--model", "-m", metavar="SOURCE", default=GENERATE_DEFAULTS["model"],
+                       help="as for generate (default: %(default)s)")
+    batch.add_argument("--images-per-prompt", type=int, default=1, metavar="N",
+                       help="images per prompt, unless its record says \"images\" (default: %(default)s)")
+    batch.add_argument("--batch-size", "-b", type=int, default=GENERATE_DEFAULTS["batch_size"], metavar="B",
+                       help="images made at once, over all devices together (default: %(default)s)")
+    batch.add_argument("--negative-prompt", "-n", metavar="TEXT", default=GENERATE_DEFAULTS["negative_prompt"],
+                       help="for records without one (default: none)")
+    batch.add_argument("--steps", type=int, default=GENERATE_DEFAULTS["steps"], metavar="N",
+                       help="denoising steps, for records without num_steps (default: %(default)s)")
+    batch.add_argument("--guidance", "--cfg-scale", type=float, default=GENERATE_DEFAULTS["guidance"], metavar="G",
+                       help="guidance scale, for records without one (default: %(default)s)")
+    batch.add_argument("--seed", type=int, default=None, metavar="S",
+                       help="the job's seed: a record without its own seed gets one made of S and its line number "
+                       "(default: a random seed, kept in DIR/job.json for reruns)")
+    batch.add_argument("--width", type=int, default=GENERATE_DEFAULTS["width"], metavar="W",
+                       help="image width, a multiple of 8, for records without one (default: %(default)s)")
+    batch.add_argument("--height", type=int, default=GENERATE_DEFAULTS["height"], metavar="H",
+                       help="image height, a multiple of 8, for records without one (default: %(default)s)")
+    batch.add_argument("--scheduler", "--sampler", default=GENERATE_DEFAULTS["scheduler"], choices=SCHEDULER_NAMES,
+                       metavar="NAME", help="the sampler (see generate) (default: %(default)s)")
+    batch.add_argument("--prompt-syntax", default=GENERATE_DEFAULTS["prompt_syntax"], choices=PROMPT_SYNTAXES,
+                       metavar="SYNTAX", help="as for generate (default: %(default)s)")
+    batch.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS), metavar="P",
+                       help="as for generate (default: %(default)s)")
+    batch.add_argument("--devices", type=int, default=None, metavar="N",
+                       help="use the first N local devices (default: all)")
+    batch.add_argument("--no-xla", action="store_true", help="do not compile with XLA")
+    batch.add_argument("--no-cache", action="store_true",
+                       help=f"neither read nor write the conversion cache (same as {sources.NO_CACHE_ENV}=1)")
+    _add_revision(batch)
+    _add_quiet(batch)
+    batch.set_defaults(run=run_batch)
+
+
 def _add_convert(commands):
     convert = commands.add_parser(
         "convert", help="convert a checkpoint into a folder that loads without PyTorch",
@@ -218,18 +285,24 @@ def _add_revision(parser):
 
 def _add_quiet(parser):
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's and XLA's own start-up and log lines (hidden by default)")
 
 
 def main(argv=None):
     """Runs the command line; returns the exit status (argparse exits by itself on malformed arguments)."""
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        quiet_framework_logs()
     try:
         with _messages_on_stdout(args.quiet), _hub_progress_bars(not args.quiet):
             return args.run(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except UsageError as error:  # well-formed arguments that cannot be used: argparse's status for bad usage
+    # Well-formed arguments that cannot be used, and a job folder holding another job: argparse's status for
+    # bad usage.
+    except (UsageError, jobs.JobConflictError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as error:  # bad input: missing or corrupt files, unusable values, Hub errors
@@ -264,7 +337,8 @@ def run_generate(args):
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     say = _printer(args.quiet)
     start = time.perf_counter()
-    from kerasdiffusion.pipeline import StableDiffusion  # TensorFlow loads only once the arguments are valid
+    start_backend(args.verbose)  # TensorFlow loads only once the arguments are valid
+    from kerasdiffusion.pipeline import StableDiffusion
 
     sd = StableDiffusion.from_pretrained(args.model, img_width=args.width, img_height=args.height,
                                          jit_compile=not args.no_xla, scheduler=args.scheduler,
@@ -290,12 +364,73 @@ def run_generate(args):
     indices = [keep] if keep is not None else range(args.batch_size)
     texts = [
         I.png_parameters(args.prompt, args.negative_prompt, args.steps, args.guidance, seed, args.scheduler,
-                         model_name(args.model), args.width, args.height, args.batch_size, index, **settings)
+                         sources.model_name(args.model), args.width, args.height, args.batch_size, index, **settings)
         for index in indices
     ]
     for path in I.write_pngs([images[index] for index in indices], paths, texts):
         say(f"Wrote {path}")
     return 0
+
+
+def run_batch(args):
+    check_batch_args(args)
+    if args.no_cache:  # for the model hash the job records, too
+        os.environ[sources.NO_CACHE_ENV] = "1"
+    settings = jobs.JobSettings(seed=batch_seed(args), negative_prompt=args.negative_prompt, num_steps=args.steps,
+                                guidance=args.guidance, width=args.width, height=args.height,
+                                images=args.images_per_prompt, batch_size=args.batch_size)
+    job = jobs.read_job(args.prompts, settings, args.prompt_syntax)  # every record checked before any work
+    say = _printer(args.quiet)
+    start = time.perf_counter()
+    start_backend(args.verbose)
+    from kerasdiffusion import distribute
+    from kerasdiffusion.pipeline import StableDiffusion
+
+    distribution = distribute.local_distribution(args.devices)
+    sd = StableDiffusion.from_pretrained(args.model, img_width=args.width, img_height=args.height,
+                                         jit_compile=not args.no_xla, scheduler=args.scheduler,
+                                         precision=None if args.precision == "auto" else args.precision,
+                                         prompt_syntax=args.prompt_syntax, distribution=distribution,
+                                         revision=args.revision, progress=not args.quiet)
+    worker = jobs.current_worker()
+    devices = distribute.replica_count(distribution)
+    on = f"{devices} device{'s' if devices > 1 else ''}"
+    say(f"Loaded {args.model} in {time.perf_counter() - start:.1f} s; job seed {settings.seed}; {on}"
+        + (f"; worker {worker.index + 1} of {worker.count}" if worker.count > 1 else ""))
+    summary = jobs.run_job(sd, job, args.out, worker=worker, progress=not args.quiet)
+    say(f"Made {summary} -> {args.out}")
+    return 0
+
+
+def check_batch_args(args):
+    """The batch options that can be checked before the prompts file is read."""
+    for option, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                          ("--images-per-prompt", args.images_per_prompt), ("--devices", args.devices or 1)):
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1, got {value}")
+    for option, value in (("--width", args.width), ("--height", args.height)):
+        if value < 8 or value % 8:
+            raise UsageError(f"{option} must be a positive multiple of 8, got {value}")
+    if not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {args.seed}")
+    if not os.path.isfile(args.prompts):
+        raise FileNotFoundError(f"no prompts file {args.prompts!r}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a file, not a folder")
+    sources.source_kind(args.model)
+    sources.check_revision(args.model, args.revision)
+
+
+def batch_seed(args):
+    """--seed; without it, the seed of the job already in --out (a rerun resumes it), else a random one."""
+    if args.seed is not None:
+        return args.seed
+    described = jobs.read_description(args.out) if os.path.isdir(args.out) else None
+    if described is not None and isinstance(described.get("seed"), int):
+        return described["seed"]
+    return random.SystemRandom().randrange(2**31)
 
 
 def fill_generate_args(args, png):
@@ -501,16 +636,43 @@ def output_paths(out, batch_size):
     return [f"{stem}-{index}{extension}" for index in range(batch_size)]
 
 
-def model_name(source):
-    """The short model name A1111's ``Model:`` field shows: a Hub id as is, a path's last part without suffix."""
-    if sources.is_hub_id(source):
-        return source
-    name = os.path.basename(os.path.normpath(source))
-    stem, extension = os.path.splitext(name)
-    return stem if extension in SINGLE_FILE_SUFFIXES else name
-
-
 # ---------------------------------------------------------------------------------------------------- output
+
+
+def quiet_framework_logs():
+    """Keeps TensorFlow's, XLA's and absl's log lines off the terminal (the command line's default; ``--verbose``
+    leaves them be). Set before TensorFlow is imported: its C++ log level, and Python's loggers of TensorFlow
+    and absl. What TensorFlow's C++ side prints while it loads, before its log level is read, is
+    `start_backend`'s business."""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    for name in ("tensorflow", "absl", "jax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(tensorflow|absl|jax|tf_keras)(\.|$)")
+
+
+def start_backend(verbose):
+    """Imports Keras' backend and finds its devices, with the C++ start-up lines (oneDNN, CUDA probing) that
+    TensorFlow and XLA print meanwhile sent to /dev/null unless ``verbose``."""
+    with contextlib.nullcontext() if verbose else _stderr_to_devnull():
+        from kerasdiffusion import backend
+
+        backend.device_type()
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    """File descriptor 2 (where C++ code writes) points to /dev/null for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _one_line(error):

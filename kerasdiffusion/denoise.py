@@ -5,8 +5,9 @@ classifier-free guidance (Ho & Salimans 2022): the UNet runs once on the doubled
 ``[unconditional; conditional]`` and the two predictions are mixed. What steers a generation travels as
 one `Conditioning`, so that a new kind of input is a new field, not a new mode string.
 
-`Denoiser` turns these functions into compiled programs with `kerasdiffusion.backend.compile_function`
-(one per denoising step, ``loop="steps"``, or one for the whole loop, ``loop="compiled"``) and keeps
+`Denoiser` turns these functions into compiled programs with `kerasdiffusion.distribute.compile_function`
+(one per denoising step, ``loop="steps"``, or one for the whole loop, ``loop="compiled"``; on one device,
+or over the replicas of a distribution) and keeps
 them by what determines them: the sampler's key, the number of steps, whether guidance is on and which
 conditioning fields are present. The shapes are the backend's business: each compiled function traces
 once per shape.
@@ -18,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from keras import ops
 
-from kerasdiffusion import backend
+from kerasdiffusion import distribute
 
 LOOPS = ("steps", "compiled")
 # Compiled programs kept per pipeline: enough for every sampler at a few step counts, bounded all the same.
@@ -94,11 +95,12 @@ def denoise_step(unet, scheduler, plan, latents, state, i, conditioning, noise, 
 
 
 def denoise_loop(unet, scheduler, plan, latents, start, conditioning, noises, guided):
-    """Evaluations ``start`` to the end of a run in one `fori_loop`; ``noises[i]`` feeds evaluation ``i``."""
+    """Evaluations ``start`` to the end of a run in one `fori_loop`; ``noises[:, i]`` feeds evaluation ``i``
+    (batch first, like every batched argument, so that a distribution can split it)."""
 
     def body(i, carry):
         sample, state = carry
-        noise = None if noises is None else ops.take(noises, i, axis=0)
+        noise = None if noises is None else ops.take(noises, i, axis=1)
         return denoise_step(unet, scheduler, plan, sample, state, i, conditioning, noise, guided)
 
     latents = ops.cast(latents, "float32")
@@ -112,11 +114,13 @@ class Denoiser:
     Args:
         unet: the diffusion model, ``[latents, timesteps, context] -> prediction``.
         jit_compile: compile with XLA.
+        distribution: run over the replicas of a distribution (see `kerasdiffusion.distribute`), or `None`.
     """
 
-    def __init__(self, unet, jit_compile=True):
+    def __init__(self, unet, jit_compile=True, distribution=None):
         self.unet = unet
         self.jit_compile = jit_compile
+        self.distribution = distribution
         self.programs = collections.OrderedDict()
         self.trace_count = 0
 
@@ -124,7 +128,8 @@ class Denoiser:
         """The compiled program of ``loop`` for this run (made on first use, then kept by value).
 
         ``"steps"``: ``(latents, state, i, conditioning, noise) -> (latents, state)``, one evaluation;
-        ``"compiled"``: ``(latents, start, conditioning, noises) -> latents``, the whole loop. Arguments are
+        ``"compiled"``: ``(latents, start, conditioning, noises) -> latents``, the whole loop, with ``noises``
+        ``[B, evaluations, h, w, C]``. Arguments are
         tensors (see `__call__`, which drives either).
         """
         return self._program(loop, scheduler, plan, conditioning, float(conditioning.guidance) > 1.0)
@@ -142,7 +147,7 @@ class Denoiser:
                 return denoise_step(unet, scheduler, plan, *args, guided=guided)
             return denoise_loop(unet, scheduler, plan, *args, guided=guided)
 
-        program = backend.compile_function(traced, unet.weights, self.jit_compile)
+        program = distribute.compile_function(traced, unet.weights, self.jit_compile, self.distribution)
         self.programs[key] = program
         while len(self.programs) > MAX_PROGRAMS:
             self.programs.popitem(last=False)
@@ -167,7 +172,7 @@ class Denoiser:
         program = self._program(loop, scheduler, plan, conditioning, guided)
         latents = _tensor(latents, "float32")
         if loop == "compiled":
-            noises = None if noises is None else _tensor(noises, "float32")
+            noises = None if noises is None else _tensor(np.swapaxes(noises, 0, 1), "float32")
             return ops.convert_to_numpy(program(latents, _tensor(start, "int32"), conditioning, noises))
         state = scheduler.initial_state(latents)
         evaluations = range(start, len(plan.timesteps))

@@ -11,6 +11,7 @@ Negative prompt: blurry
 Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15
 """
 
+import io
 import json
 import os
 import re
@@ -237,26 +238,35 @@ def scheduler_from_a1111(sampler, schedule_type=None):
     raise ValueError(f"Unsupported sampler {described}; supported: {', '.join(A1111_SAMPLERS.values())}")
 
 
-def write_pngs(images, paths, texts):
-    """Writes uint8 images ``[H, W, 3]`` as PNGs with text chunks, all or nothing.
+def png_bytes(image, text):
+    """A uint8 image ``[H, W, 3]`` encoded as PNG, with ``text`` (a dict) as its text chunks.
 
-    Each image goes to a hidden temporary file beside its target; only when every one is complete are they
-    renamed into place, so a failure (full disk, interruption) leaves no partial or truncated PNG behind.
     Text that Latin-1 cannot encode goes into an international (UTF-8) text chunk.
     """
     from PIL import Image, PngImagePlugin
 
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def write_pngs(images, paths, texts):
+    """Writes uint8 images ``[H, W, 3]`` as PNGs with text chunks (see `png_bytes`), all or nothing.
+
+    Each image goes to a hidden temporary file beside its target; only when every one is complete are they
+    renamed into place, so a failure (full disk, interruption) leaves no partial or truncated PNG behind.
+    """
     staged = []
     try:
         for image, path, text in zip(images, paths, texts, strict=True):
-            info = PngImagePlugin.PngInfo()
-            for key, value in text.items():
-                info.add_text(key, value)
             folder, name = os.path.split(os.path.abspath(path))
             temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
             staged.append((temporary, path))
             with open(temporary, "xb") as f:
-                Image.fromarray(np.asarray(image, np.uint8)).save(f, format="PNG", pnginfo=info)
+                f.write(png_bytes(image, text))
         for temporary, path in staged:
             os.replace(temporary, path)
     except BaseException:
@@ -265,3 +275,35 @@ def write_pngs(images, paths, texts):
                 os.remove(temporary)
         raise
     return list(paths)
+
+
+def write_durably(data, path, shared=False):
+    """Writes ``data`` (bytes) to ``path`` so that a crash at any moment leaves the old file or the new one.
+
+    The bytes go to a temporary file beside the target, reach the disk (fsync), and are renamed over it; the
+    rename is made durable by syncing the folder too. The temporary file is ``.NAME.tmp``, which the next
+    write of the same path overwrites should a crash leave it behind; with ``shared`` (a file several
+    processes may write at once, with the same content), a name of its own per write.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp" if shared else f".{name}.tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    sync_folder(folder)
+
+
+def sync_folder(folder):
+    """Makes renames and new files in ``folder`` durable (a no-op where folders cannot be opened, as on Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

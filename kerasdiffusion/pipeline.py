@@ -14,6 +14,7 @@ Example:
 """
 
 import contextlib
+import copy
 import dataclasses
 import os
 import warnings
@@ -21,7 +22,7 @@ import warnings
 import numpy as np
 from keras import ops
 
-from kerasdiffusion import adapters, backend, prompts, seeds, sources
+from kerasdiffusion import adapters, backend, distribute, prompts, seeds, sources
 from kerasdiffusion import images as I
 from kerasdiffusion import schedulers as S
 from kerasdiffusion.components import Components, check_precision, load_components
@@ -67,9 +68,12 @@ def check_clip_skip(clip_skip):
                          f"got {clip_skip!r}")
 
 
-def _check_distribution(distribution):
-    if distribution is not None:
-        raise NotImplementedError("distribution= is not supported yet: pass None (one device)")
+def _placed(components, distribution):
+    """``components`` with every network's variables living as ``distribution`` wants (copied where not)."""
+    networks = {name: distribute.placed(model, distribution) for name, model in components.networks.items()}
+    if all(networks[name] is model for name, model in components.networks.items()):
+        return components
+    return dataclasses.replace(components, **networks, loras=copy.deepcopy(components.loras))
 
 
 class StableDiffusion:
@@ -93,7 +97,12 @@ class StableDiffusion:
             2 the penultimate (diffusers' `clip_skip=1`). SD 1.x only.
         loop: `"steps"` (one compiled program per denoising step, with a live progress bar) or
             `"compiled"` (the whole loop in one program); `None` picks per device type. Same images.
-        distribution: reserved for multi-device generation; only `None` (one device) for now.
+        distribution: generate on several devices: on TensorFlow a `tf.distribute.Strategy`
+            (`OneDeviceStrategy`, `MirroredStrategy`, `TPUStrategy`, `MultiWorkerMirroredStrategy`), on JAX a
+            `keras.distribution.DataParallel`; `None` is one device. The networks are built under its scope,
+            the global batch is split over the replicas (padded to a multiple of their number, the padding
+            dropped), and the text encoder, the denoising loop and the decoder run on every replica. The
+            images equal a one-device run's for the same seeds. See `kerasdiffusion.distribute`.
         revision: for a Hub id, the branch, tag or commit to load (default: the main branch).
         cache: whether converted weights are read from and written to the conversion cache; `None`
             follows ``$KERASDIFFUSION_NO_CACHE`` (on unless it is set).
@@ -115,8 +124,8 @@ class StableDiffusion:
         check_prompt_syntax(prompt_syntax)
         check_clip_skip(clip_skip)
         _check_loop(loop)
-        _check_distribution(distribution)
         backend.name()
+        self.distribution = distribute.check_distribution(distribution, jit_compile)
         self.img_width, self.img_height = int(img_width), int(img_height)
         self.jit_compile = jit_compile
         self.prompt_syntax = prompt_syntax
@@ -137,7 +146,9 @@ class StableDiffusion:
 
         `load_components` and `from_components` together. The family (SD 1.x, 2.x, 9-channel inpainting)
         and all sizes are read from the weights' shapes. `prediction_type` (`"epsilon"` /
-        `"v_prediction"`) overrides what the source's scheduler config says. `revision` picks a Hub id's
+        `"v_prediction"`) overrides what the source's scheduler config says. `distribution` (a
+        `tf.distribute.Strategy` / `keras.distribution.DataParallel`) builds the networks under its scope and
+        runs every program over its replicas (see the constructor). `revision` picks a Hub id's
         branch, tag or commit; `cache=False` neither reads nor writes the conversion cache (`None` follows
         ``$KERASDIFFUSION_NO_CACHE``); `progress=False` hides the bars. `prompt_syntax` and `clip_skip` are
         the constructor's.
@@ -158,6 +169,8 @@ class StableDiffusion:
         """A pipeline over ready `Components` (from `load_components`, or networks of your own).
 
         LoRAs are fused into the components' networks: pipelines sharing components share their LoRAs.
+        With a `distribution`, networks whose variables were not built under its scope are copied under it
+        (weights and fused LoRAs included): the pipeline then runs, and adapts, its own copies.
 
         Example:
 
@@ -177,11 +190,12 @@ class StableDiffusion:
         if self.clip_skip > 1 and components.family.name != "sd1":
             raise ValueError(f"clip_skip={self.clip_skip} applies to SD 1.x only (AUTOMATIC1111 ignores it for "
                              f"{components.family.name}, whose text encoder already stops at its penultimate layer)")
+        components = _placed(components, self.distribution)
         self._components = components
         self._base_tokenizer = components.tokenizer
         self._base_rows = components.text_encoder.get_layer("token_embedding").input_dim
         self._embeddings = {}  # textual-inversion token -> vectors [n, D], in loading order
-        self._denoiser = Denoiser(components.diffusion_model, self.jit_compile)
+        self._denoiser = Denoiser(components.diffusion_model, self.jit_compile, self.distribution)
         self._programs = {}
         self._set_text_side(components.tokenizer, components.text_encoder)
         self._scheduler = self._scheduler.for_checkpoint(components.scheduler_config)
@@ -197,7 +211,8 @@ class StableDiffusion:
     def components(self):
         """The `Components` this pipeline runs (loaded from the source on first use)."""
         if self._components is None:
-            self._set_components(load_components(self.source, **self._load_options))
+            with distribute.scope(self.distribution):
+                self._set_components(load_components(self.source, **self._load_options))
         return self._components
 
     @property
@@ -362,8 +377,10 @@ class StableDiffusion:
 
     def _set_embeddings(self, embeddings):
         parts = self.components
-        tokenizer, text_encoder = adapters.with_embeddings(self._base_tokenizer, parts.text_encoder, self._base_rows,
-                                                           embeddings, parts.family, parts.precision)
+        with distribute.scope(self.distribution):
+            tokenizer, text_encoder = adapters.with_embeddings(self._base_tokenizer, parts.text_encoder,
+                                                               self._base_rows, embeddings, parts.family,
+                                                               parts.precision)
         self._embeddings = dict(embeddings)
         self._set_text_side(tokenizer, text_encoder)
 
@@ -372,8 +389,8 @@ class StableDiffusion:
     def _network_call(self, name):
         if name not in self._programs:
             model = self.text_encoder if name == "text_encoder" else self.components.networks[name]
-            self._programs[name] = backend.compile_function(lambda x: model(x, training=False), model.weights,
-                                                            self.jit_compile)
+            self._programs[name] = distribute.compile_function(lambda x: model(x, training=False), model.weights,
+                                                               self.jit_compile, self.distribution)
         return self._programs[name]
 
     def encode_text(self, prompt):
@@ -459,12 +476,12 @@ class StableDiffusion:
 
     # The denoising loop.
 
-    def _denoise(self, latents, context, unconditional, guidance, plan, seed, start=0, extra_channels=None,
+    def _denoise(self, latents, context, unconditional, guidance, plan, keys, start=0, extra_channels=None,
                  keep=None, verbose=True):
         scheduler = self.scheduler
         noises = None
         if scheduler.stochastic:
-            noises = seeds.step_normals(seed, range(latents.shape[0]), len(plan.timesteps), latents.shape[1:])
+            noises = seeds.keys_step_normals(keys, len(plan.timesteps), latents.shape[1:])
         conditioning = Conditioning(context, unconditional, guidance, extra_channels, keep)
         loop = self.loop or default_loop()
         return self._denoiser(scheduler, plan, latents, conditioning, start=start, noises=noises, loop=loop,
@@ -523,10 +540,10 @@ class StableDiffusion:
         if not np.isfinite(unconditional_guidance_scale):
             raise ValueError(f"unconditional_guidance_scale must be finite, got {unconditional_guidance_scale!r}")
 
-    def _noise(self, diffusion_noise, shape, seed):
-        """The given noise (``[1, ...]`` repeated to the batch), or item b's standard normal from the seed."""
+    def _noise(self, diffusion_noise, shape, keys):
+        """The given noise (``[1, ...]`` repeated to the batch), or each item's standard normal from its key."""
         if diffusion_noise is None:
-            return seeds.batch_normal(seed, range(shape[0]), 0, shape[1:])
+            return seeds.keys_normal(keys, 0, shape[1:])
         noise = np.asarray(ops.convert_to_numpy(diffusion_noise), np.float32)
         if noise.ndim == 4 and noise.shape[0] == 1 and shape[0] > 1:
             noise = np.repeat(noise, shape[0], axis=0)
@@ -550,8 +567,10 @@ class StableDiffusion:
             unconditional_guidance_scale: classifier-free guidance scale; <= 1 disables guidance.
             diffusion_noise: initial latents `[batch_size, H/8, W/8, 4]`, standard normal (the scheduler's
                 initial sigma is applied here); `None` draws them from `seed`.
-            seed: makes the result reproducible; each batch item's noise depends only on the seed and its
-                index, the same on every backend and device.
+            seed: makes the result reproducible: `None` (drawn at random), an integer (image ``b`` of the
+                batch has the key ``(seed, b)``), or a list of `batch_size` pairs ``(seed, index)``, one key per
+                image, so that one batch can hold images of different seeds. An image's noise depends only on
+                its key: ``seed=[(s, b)]`` alone gives image ``b`` of ``seed=s``, on every backend and device.
 
         Returns:
             uint8 numpy array `[batch_size, img_height, img_width, 3]`.
@@ -564,17 +583,19 @@ class StableDiffusion:
         """
         _check_positive("batch_size", batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
-        seed = seeds.check_seed(seed)
+        keys = seeds.item_keys(seed, batch_size)
         context, unconditional = self._contexts(encoded_text, negative_prompt, batch_size, "encoded_text")
-        noise = self._noise(diffusion_noise, self._latent_shape(batch_size, self.img_height, self.img_width), seed)
+        noise = self._noise(diffusion_noise, self._latent_shape(batch_size, self.img_height, self.img_width), keys)
         plan = self.scheduler.plan(num_steps)
         latents = self._denoise(noise * plan.init_noise_sigma, context, unconditional, unconditional_guidance_scale,
-                                plan, seed, verbose=verbose)
+                                plan, keys, verbose=verbose)
         return self._decode(latents)
 
     def text_to_image(self, prompt, negative_prompt=None, batch_size=1, num_steps=50,
                       unconditional_guidance_scale=7.5, seed=None, verbose=True):
         """Generates images from a prompt (a string, or a list with one prompt per image).
+
+        `seed` is as in `generate_image`: an integer, `None`, or one ``(seed, index)`` pair per image.
 
         Returns:
             uint8 numpy array `[batch_size, img_height, img_width, 3]`.
@@ -586,7 +607,7 @@ class StableDiffusion:
         """
         batch_size = self._resolve_batch(prompt, batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
-        seeds.check_seed(seed)
+        seeds.item_keys(seed, batch_size)  # a bad seed fails before the prompt is encoded
         texts = _texts(prompt)
         with self._prompt_loras(texts):
             return self.generate_image(self._encode(texts), negative_prompt, batch_size, num_steps,
@@ -599,7 +620,8 @@ class StableDiffusion:
         As in diffusers, the encoded image (the VAE posterior's mean) is noised to the step `strength`
         selects and only the remaining `int(num_steps * strength)` steps run. The output has the input
         image's size (a multiple of 8). `diffusion_noise` (`[batch_size, H/8, W/8, 4]`, standard normal) is
-        the noise added to the encoded image; `None` draws it from `seed`.
+        the noise added to the encoded image; `None` draws it from `seed` (an integer, or one
+        ``(seed, index)`` pair per image, as in `generate_image`).
 
         Example:
 
@@ -610,10 +632,10 @@ class StableDiffusion:
         self._check_common(num_steps, unconditional_guidance_scale)
         if not 0.0 <= float(strength) <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
-        seed = seeds.check_seed(seed)
+        keys = seeds.item_keys(seed, batch_size)
         pixels = self._image_input(image, batch_size)
         init_latents = self._encode_images(pixels)
-        noise = self._noise(diffusion_noise, init_latents.shape, seed)
+        noise = self._noise(diffusion_noise, init_latents.shape, keys)
         plan = self.scheduler.plan(num_steps)
         start = self.scheduler.start_index(plan, float(strength))
         if start == len(plan.timesteps):
@@ -621,7 +643,7 @@ class StableDiffusion:
         latents = ops.convert_to_numpy(self.scheduler.add_noise(plan, init_latents, noise, start))
         with self._prompt_loras(_texts(prompt)):
             context, unconditional = self._contexts(self._encode(_texts(prompt)), negative_prompt, batch_size, "prompt")
-            latents = self._denoise(latents, context, unconditional, unconditional_guidance_scale, plan, seed,
+            latents = self._denoise(latents, context, unconditional, unconditional_guidance_scale, plan, keys,
                                     start=start, verbose=verbose)
             return self._decode(latents)
 
@@ -633,7 +655,8 @@ class StableDiffusion:
         the masked image's latents as extra input channels, as diffusers feeds them; an ordinary UNet
         repaints by blending the re-noised original latents outside the mask after every step.
         `diffusion_noise` (`[batch_size, H/8, W/8, 4]`, standard normal) is the starting noise, and for an
-        ordinary UNet also the noise that re-noises the kept region; `None` draws it from `seed`.
+        ordinary UNet also the noise that re-noises the kept region; `None` draws it from `seed` (an integer,
+        or one ``(seed, index)`` pair per image, as in `generate_image`).
 
         Example:
 
@@ -642,13 +665,13 @@ class StableDiffusion:
         """
         batch_size = self._resolve_batch(prompt, batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
-        seed = seeds.check_seed(seed)
+        keys = seeds.item_keys(seed, batch_size)
         pixels = self._image_input(image, batch_size)
         mask = I.mask_from_input(mask, pixels.shape[1], pixels.shape[2])
         latent_mask = np.ascontiguousarray(
             np.broadcast_to(mask[::8, ::8][None, :, :, None], (batch_size, *mask[::8, ::8].shape, 1)), np.float32
         )
-        noise = self._noise(diffusion_noise, self._latent_shape(batch_size, pixels.shape[1], pixels.shape[2]), seed)
+        noise = self._noise(diffusion_noise, self._latent_shape(batch_size, pixels.shape[1], pixels.shape[2]), keys)
         plan = self.scheduler.plan(num_steps)
         extra_channels = keep = None
         if self.components.unet_channels > self.components.latent_channels:
@@ -659,7 +682,7 @@ class StableDiffusion:
         with self._prompt_loras(_texts(prompt)):
             context, unconditional = self._contexts(self._encode(_texts(prompt)), negative_prompt, batch_size, "prompt")
             latents = self._denoise(noise * plan.init_noise_sigma, context, unconditional,
-                                    unconditional_guidance_scale, plan, seed, extra_channels=extra_channels, keep=keep,
+                                    unconditional_guidance_scale, plan, keys, extra_channels=extra_channels, keep=keep,
                                     verbose=verbose)
             return self._decode(latents)
 

@@ -414,6 +414,16 @@ HASHES_FILE = "hashes.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
+def model_name(source):
+    """The short model name A1111's ``Model:`` field shows: a Hub id as is, a path's last part without suffix."""
+    source = os.fspath(source)
+    if is_hub_id(source):
+        return source
+    name = os.path.basename(os.path.normpath(source))
+    stem, extension = os.path.splitext(name)
+    return stem if extension in SINGLE_FILE_SUFFIXES else name
+
+
 def model_hash(source, use_cache=None):
     """The short hash of a model's weights, as AUTOMATIC1111's ``Model hash`` names a checkpoint.
 

@@ -19,7 +19,8 @@ from tests.ldm_fixtures import diffusers_to_ldm
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLAB = REPO / "colab"
 # Each notebook, and how many images it shows.
-NOTEBOOKS = {"text_to_image.ipynb": 4, "image_to_image_and_inpainting.ipynb": 5, "convert_your_checkpoint.ipynb": 1}
+NOTEBOOKS = {"text_to_image.ipynb": 4, "image_to_image_and_inpainting.ipynb": 5, "convert_your_checkpoint.ipynb": 1,
+             "tpu_batch_generation.ipynb": 1}
 TINY = dict(WIDTH=64, HEIGHT=64, STEPS=2, JIT_COMPILE=False, PRECISION="float32")
 CELL_TIMEOUT_S = 300
 
@@ -82,6 +83,10 @@ def tiny_parameters(name, models):
         "image_to_image_and_inpainting.ipynb": dict(MODEL=models["diffusers"], INPAINT_MODEL=models["inpainting"],
                                                     STRENGTHS=(0.5, 1.0), **TINY),
         "convert_your_checkpoint.ipynb": dict(CHECKPOINT=models["checkpoint"], CONVERTED=models["converted"], **TINY),
+        # Three images over two logical CPU devices: a batch that does not divide evenly.
+        "tpu_batch_generation.ipynb": dict(MODEL=models["diffusers"], PROMPTS=["a red cube", "a blue ball", "a cone"],
+                                           IMAGES_PER_PROMPT=1, BATCH_SIZE=3, CPU_DEVICES=2,
+                                           **{**TINY, "WIDTH": 32, "HEIGHT": 32}),
     }[name]
 
 

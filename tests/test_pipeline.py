@@ -202,6 +202,25 @@ def test_same_seed_same_images_and_batch_independent(sd):
     assert np.abs(batch[1].astype(int) - a[0].astype(int)).mean() > 1
 
 
+@pytest.mark.parametrize("loop", ["steps", "compiled"])
+def test_per_image_seeds_mix_in_one_batch(sd, loop):
+    """Images of different seeds and prompts in one batch equal each made alone, ancestral noise included."""
+    sd.scheduler, sd.loop = "euler_ancestral", loop
+    prompts = [PROMPT, "a cat", PROMPT]
+    keys = [(12, 0), (11, 1), (11, 0)]
+    try:
+        mixed = sd.text_to_image(prompts, num_steps=3, seed=keys, verbose=False)
+        pair = sd.text_to_image(PROMPT, batch_size=2, num_steps=3, seed=11, verbose=False)
+        alone = [sd.text_to_image(text, num_steps=3, seed=[key], verbose=False)[0] for text, key in zip(prompts, keys)]
+    finally:
+        sd.loop = None
+    assert np.abs(alone[0].astype(int) - alone[2].astype(int)).mean() > 1, "different seeds, same image"
+    for ours, expected in zip(mixed, alone):
+        assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(mixed[2].astype(int) - pair[0].astype(int)).max() <= 1
+    assert np.abs(alone[2].astype(int) - sd.text_to_image(PROMPT, num_steps=3, seed=11, verbose=False)[0]).max() <= 1
+
+
 def test_xla_matches_plain_and_compiles_once(reference, sd):
     xla = StableDiffusion.from_pretrained(reference[1], img_width=SIZE, img_height=SIZE, jit_compile=True,
                                           precision="float32", scheduler="dpmpp_2m")
@@ -293,6 +312,11 @@ def test_image_to_image_and_legacy_inpaint_run(sd):
         (lambda sd: sd.image_to_image(PROMPT, np.zeros((64, 64, 3), np.uint8), strength=1.5), "strength"),
         (lambda sd: sd.inpaint(PROMPT, np.zeros((64, 64, 3), np.uint8), np.zeros((32, 64))), "mask size"),
         (lambda sd: sd.image_to_image(PROMPT, np.zeros((60, 64, 3), np.uint8)), "multiple of 8"),
+        (lambda sd: sd.text_to_image(PROMPT, batch_size=2, seed=[(1, 0)]),
+         "1 \\(seed, index\\) pairs but the batch has 2"),
+        (lambda sd: sd.text_to_image(PROMPT, seed=[(1, 0, 2)]), "pair \\(seed, index\\)"),
+        (lambda sd: sd.text_to_image(PROMPT, seed=[(1, -1)]), "index must be an integer"),
+        (lambda sd: sd.text_to_image(PROMPT, seed=[(-1, 0)]), "seed must be an integer"),
     ],
 )
 def test_bad_input_is_named(sd, call, message):
@@ -303,7 +327,7 @@ def test_bad_input_is_named(sd, call, message):
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="loop must be one of steps, compiled or None, got 'fast'"):
         StableDiffusion(loop="fast")
-    with pytest.raises(NotImplementedError, match="distribution"):
+    with pytest.raises(TypeError, match="distribution= on Keras' .* backend takes"):
         StableDiffusion(distribution=object())
     with pytest.raises(ValueError, match="multiple of 8"):
         StableDiffusion(img_width=500)
