@@ -22,11 +22,13 @@ from kerasdiffusion import config as C
 from kerasdiffusion.prompts import parse_prompt_attention
 from tests import reference as R
 from tests.test_embeddings import a1111_pt, random_vectors
-from tests.test_lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, kohya_lora, save_peft_lora
+from tests.test_conversion import CONTEXT, LATENTS, TIMESTEPS, TOKENS
+from tests.test_lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, kohya_lora, random_updates, save_peft_lora
 from tests.test_prompts import LONG, a1111_chunks, a1111_context
 from tests.test_sources_hub import lay_out_hub_cache
 from weights_conversion import CheckpointError
-from weights_conversion.lora import fuse, lora_updates, read_lora
+from weights_conversion.embeddings import TextualInversion, write_textual_inversion
+from weights_conversion.lora import fuse, lora_updates, read_lora, write_lora
 
 SIZE, STEPS, SCHEDULER = 64, 6, "dpmpp_2m"
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -146,6 +148,31 @@ def test_sd2_lora_images_match_diffusers(tmp_path):
                        "SD 2.x kohya LoRA at scale 0.8")
 
 
+@pytest.mark.parametrize("format", ["diffusers", "kohya"])
+def test_written_lora_gives_diffusers_outputs(reference, sd, tmp_path, format):
+    """A LoRA written by `write_lora` for our model: our UNet and text encoder with it loaded compute what
+    diffusers' do with ``load_lora_weights`` of the same file (PEFT layers, not fused)."""
+    pipeline, _ = reference
+    original = weights_of(sd)
+    shapes = {network: {path: w.shape for path, w in weights.items()} for network, weights in original.items()}
+    alpha = (lambda i: 1.0 + i % 3) if format == "diffusers" else (lambda i: 2.0)
+    path = write_lora(tmp_path / "written.safetensors", random_updates(shapes, seed=11, alpha=alpha), format=format)
+    name = sd.load_lora(path)
+    with_lora = copy.deepcopy(pipeline)
+    with_lora.load_lora_weights(str(path))
+    with torch.no_grad():
+        unet = R.nhwc(with_lora.unet(R.nchw(LATENTS), torch.from_numpy(TIMESTEPS), torch.from_numpy(CONTEXT)).sample)
+        text = with_lora.text_encoder(torch.from_numpy(TOKENS).long()).last_hidden_state.numpy()
+        text_before = pipeline.text_encoder(torch.from_numpy(TOKENS).long()).last_hidden_state.numpy()
+    assert relative_error(text, text_before) > 1e-2  # the LoRA does something
+    errors = (relative_error(sd.diffusion_model([LATENTS, TIMESTEPS, CONTEXT]), unet),
+              relative_error(sd.text_encoder(TOKENS), text))
+    print(f"written {format} LoRA: UNet relative error {errors[0]:.1e}, text encoder {errors[1]:.1e}")
+    assert max(errors) < 1e-5
+    sd.unload_lora(name)
+    assert_weights_equal(weights_of(sd), original)
+
+
 def test_several_loras_add_up_and_unload_in_any_order(sd, lora_files):
     original = weights_of(sd)
     shapes = {network: {p: a.shape for p, a in w.items()} for network, w in original.items()}
@@ -237,13 +264,16 @@ def diffusers_context(pipeline, prompt, **kwargs):
     return context.numpy()
 
 
-@pytest.mark.parametrize("form", ["a1111 .pt", "diffusers learned_embeds.safetensors"])
+@pytest.mark.parametrize("form", ["a1111 .pt", "diffusers learned_embeds.safetensors", "written a1111",
+                                  "written diffusers"])
 def test_textual_inversion_matches_diffusers(reference, sd, tmp_path, form):
     pipeline, _ = reference
     vectors = random_vectors(3, width=WIDTH, seed=8)
     if form == "a1111 .pt":
         path = tmp_path / "my-style.pt"
         a1111_pt(path, vectors, name="my-style")
+    elif form.startswith("written"):
+        path = write_textual_inversion(tmp_path, TextualInversion("my-style", vectors), format=form.split()[1])
     else:
         path = tmp_path / "learned_embeds.safetensors"
         save_file({"my-style": vectors}, str(path))
@@ -251,7 +281,8 @@ def test_textual_inversion_matches_diffusers(reference, sd, tmp_path, form):
     before = np.asarray(sd.encode_text(prompt))
     assert sd.load_textual_inversion(path) == "my-style" and sd.embeddings == {"my-style": 3}
     with_embedding = copy.deepcopy(pipeline)
-    with_embedding.load_textual_inversion(str(path))
+    # diffusers names an emb_params file by the token it is given; AUTOMATIC1111 and we, by the file's name.
+    with_embedding.load_textual_inversion(str(path), token="my-style" if form == "written a1111" else None)
     error = relative_error(sd.encode_text(prompt), diffusers_context(with_embedding, prompt))
     print(f"textual inversion ({form}, 3 vectors): context relative error {error:.1e}")
     assert error < 1e-5

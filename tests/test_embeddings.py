@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from tests import reference as R
 from weights_conversion import CheckpointError, UnsafeCheckpointError
-from weights_conversion.embeddings import read_textual_inversion
+from weights_conversion.embeddings import TextualInversion, read_textual_inversion, write_textual_inversion
 
 WIDTH = R.TINY_TEXT_ENCODER["hidden_size"]
 
@@ -127,3 +127,32 @@ def test_embedding_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="system"):
         read_textual_inversion(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+@pytest.mark.parametrize("format", ["a1111", "diffusers"])
+def test_written_embeddings_read_back_and_load_in_diffusers(pipeline, tmp_path, format):
+    vectors = random_vectors(3, seed=9)
+    path = write_textual_inversion(tmp_path, TextualInversion("my-style", vectors), format=format)
+    assert os.path.basename(path) == {"a1111": "my-style.safetensors", "diffusers": "learned_embeds.safetensors"}[format]
+    ours = read_textual_inversion(path, width=WIDTH)
+    assert ours.token == {"a1111": None, "diffusers": "my-style"}[format]  # A1111 goes by the file's name
+    np.testing.assert_array_equal(ours.vectors, vectors)
+    token = "my-style" if format == "a1111" else None  # diffusers names an emb_params file by the caller's token
+    np.testing.assert_array_equal(rows_added_by_diffusers(pipeline, path, token=token), vectors)
+    assert [os.path.basename(p) for p in tmp_path.iterdir()] == [os.path.basename(path)]  # no staging file left
+
+
+def test_written_embedding_names_and_shapes_are_checked(tmp_path):
+    embedding = TextualInversion("my-style", random_vectors(2))
+    with pytest.raises(ValueError, match="name it my-style.safetensors"):
+        write_textual_inversion(tmp_path / "other.safetensors", embedding, format="a1111")
+    with pytest.raises(ValueError, match="Unknown embedding format 'pt'"):
+        write_textual_inversion(tmp_path, embedding, format="pt")
+    with pytest.raises(ValueError, match="no token"):
+        write_textual_inversion(tmp_path, TextualInversion(None, random_vectors(2)), format="diffusers")
+    with pytest.raises(ValueError, match=r"shape \(4,\); expected \[n, D\]"):
+        write_textual_inversion(tmp_path, TextualInversion("t", np.ones(4, np.float32)), format="diffusers")
+    assert list(tmp_path.iterdir()) == []

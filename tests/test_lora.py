@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from tests import ldm_fixtures
 from tests import reference as R
 from weights_conversion import CheckpointError, keras_names, ldm
-from weights_conversion.lora import fuse, ldm_unet_blocks, lora_updates, read_lora
+from weights_conversion.lora import LoraUpdate, fuse, ldm_unet_blocks, lora_state_dict, lora_updates, read_lora, write_lora
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj")
@@ -318,3 +318,79 @@ def test_malformed_factors_are_a_checkpoint_error(factors, message):
     state_dict = {prefix + suffixes[name]: np.ones(shape, np.float32) for name, shape in factors.items()}
     with pytest.raises(CheckpointError, match=re.escape(message)):
         lora_updates(state_dict, TINY_MODEL)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+# Our layers a trainer adapts: attention projections, SD 1.x's 1x1 proj_in / proj_out, feed-forward, resnet
+# convolutions (3x3), their shortcuts and time projections; the text encoder's attention and MLP.
+WRITTEN_TARGETS = {"unet": re.compile(r"_(self|cross)_(q|k|v|out)|_proj_(in|out)|_ff_(in|out)|_res\d+_(conv[12]|skip|time_proj)"),
+                   "text_encoder": re.compile(r"_attn_(q|k|v|out)|_mlp_fc[12]")}
+
+
+def random_updates(shapes, seed, alpha, conv_projections=True):
+    """Random `LoraUpdate`s (ranks 2 to 4, ``alpha(i)``) on every targeted kernel of ``shapes``, as a trainer
+    makes them: factors in PyTorch's layout for `keras_names.torch_shape`."""
+    rng = np.random.default_rng(seed)
+    updates, i = {}, 0
+    for network, pattern in WRITTEN_TARGETS.items():
+        updates[network] = []
+        for path, shape in sorted(shapes[network].items()):
+            layer, variable = path.rsplit("/", 1)
+            if variable != "kernel" or not pattern.search(layer):
+                continue
+            torch_shape = keras_names.torch_shape(layer, shape, conv_projections)
+            rank, fan_in = 2 + i % 3, int(np.prod(torch_shape[1:]))
+            down = (rng.standard_normal((rank, *torch_shape[1:])) * 0.5 / np.sqrt(fan_in)).astype("float32")
+            up = (rng.standard_normal((torch_shape[0], rank)) / np.sqrt(rank)).astype("float32")
+            updates[network].append(LoraUpdate(path, torch_shape, up, down, alpha(i) / rank))
+            i += 1
+    return updates
+
+
+@pytest.mark.parametrize("format", ["diffusers", "kohya"])
+def test_written_loras_read_back_identically(base, tmp_path, format):
+    updates = random_updates(base["shapes"], seed=3, alpha=lambda i: 1.0 + i % 4)
+    path = write_lora(tmp_path / "written.safetensors", updates, format=format)
+    state_dict, metadata = read_lora(path)
+    back = lora_updates(state_dict, base["shapes"], metadata)
+    for network, written in updates.items():
+        assert sorted(back[network]) == sorted(u.path for u in written)
+        for update in written:
+            read = back[network][update.path]
+            assert read.torch_shape == update.torch_shape and read.mid is None
+            np.testing.assert_array_equal(read.up, update.up)
+            np.testing.assert_array_equal(read.down, update.down)
+            assert read.scale == pytest.approx(update.scale, rel=1e-6)
+    assert "down0_attn0_proj_in/kernel" in back["unet"] and "down0_res0_conv1/kernel" in back["unet"]
+    assert back["unet"]["down0_attn0_proj_in/kernel"].down.shape[2:] == (1, 1)  # SD 1.x: a 1x1 convolution
+    assert len(back["text_encoder"]) == 12
+
+
+def test_written_tucker_lora_is_kohya_only(base, tmp_path):
+    rng = np.random.default_rng(5)
+    mid = rng.standard_normal((2, 2, 3, 3)).astype("float32")
+    update = LoraUpdate("down0_res0_conv1/kernel", (32, 32, 3, 3), rng.standard_normal((32, 2)).astype("float32"),
+                        rng.standard_normal((2, 32)).astype("float32"), 0.75, mid)
+    path = write_lora(tmp_path / "tucker.safetensors", {"unet": [update]}, format="kohya")
+    read = lora_updates(read_lora(path)[0], base["shapes"])["unet"][update.path]
+    np.testing.assert_allclose(read.delta(), update.delta(), rtol=1e-6)
+    with pytest.raises(ValueError, match="Tucker-core .* write it as kohya"):
+        lora_state_dict({"unet": [update]}, "diffusers")
+    with pytest.raises(ValueError, match="Unknown LoRA format 'peft'"):
+        lora_state_dict({"unet": [update]}, "peft")
+    bad = LoraUpdate("down0_res0_conv1/kernel", (32, 32, 3, 3), update.up, update.down, 1.0)
+    with pytest.raises(ValueError, match="do not make the PyTorch weight"):
+        lora_state_dict({"unet": [bad]}, "kohya")
+
+
+@pytest.mark.parametrize("format", ["diffusers", "kohya"])
+def test_written_loras_load_in_diffusers(base, tmp_path, format):
+    """diffusers' own loader fuses the written file into the weights ours fuse (per-module alphas through the
+    PEFT metadata's alpha_pattern; kohya files with one alpha, which diffusers' kohya loader needs)."""
+    alpha = (lambda i: 1.0 + i % 4) if format == "diffusers" else (lambda i: 3.0)
+    updates = random_updates(base["shapes"], seed=4, alpha=alpha)
+    path = write_lora(tmp_path / f"{format}.safetensors", updates, format=format)
+    expected = fused_by_diffusers(base["pipeline"], path, scale=0.6)
+    ours, read = fused_by_us(path, base["weights"], base["shapes"], scale=0.6)
+    assert_fused_alike(ours, expected, base["weights"], read)

@@ -155,13 +155,15 @@ def save_converted(converted, output_dir):
     return output_dir
 
 
-def write_safetensors(path, arrays, advance=lambda n: None):
-    """Writes ``{name: array}`` as a safetensors file, one tensor at a time.
+def write_safetensors(path, arrays, advance=lambda n: None, metadata=None):
+    """Writes ``{name: array}`` as a safetensors file, one tensor at a time, atomically.
 
     The format is an 8-byte little-endian header length, a JSON table of names, dtypes, shapes and byte
     offsets (padded with spaces to a multiple of 8 bytes), then each tensor's little-endian bytes in the
     table's order. Streaming the tensors keeps a second copy of the whole file out of memory (which
     `safetensors.numpy.save_file` builds), and lets ``advance(nbytes)`` report progress per tensor.
+    ``metadata`` (``{str: str}``) becomes the header's ``__metadata__``. The file is written beside ``path``
+    and renamed into place when complete, so no half-written file ever has its name.
 
     Example:
 
@@ -174,6 +176,10 @@ def write_safetensors(path, arrays, advance=lambda n: None):
     """
     names = sorted(arrays)
     header, offset = {}, 0
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError("safetensors metadata must map strings to strings")
+        header["__metadata__"] = dict(metadata)
     for name in names:
         array = arrays[name]
         dtype = array.dtype.newbyteorder("=")  # big-endian arrays are written as little-endian ones
@@ -184,10 +190,19 @@ def write_safetensors(path, arrays, advance=lambda n: None):
         offset += array.nbytes
     table = json.dumps(header, separators=(",", ":")).encode()
     table += b" " * (-len(table) % 8)
-    with open(path, "wb") as f:
-        f.write(len(table).to_bytes(8, "little"))
-        f.write(table)
-        for name in names:
-            array = np.ascontiguousarray(arrays[name], dtype=arrays[name].dtype.newbyteorder("<"))
-            f.write(memoryview(array.reshape(-1)).cast("B"))
-            advance(array.nbytes)
+    path = os.fspath(path)
+    staging = tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".writing-",
+                                          suffix=".safetensors", delete=False)
+    try:
+        with staging as f:
+            f.write(len(table).to_bytes(8, "little"))
+            f.write(table)
+            for name in names:
+                array = np.ascontiguousarray(arrays[name], dtype=arrays[name].dtype.newbyteorder("<"))
+                f.write(memoryview(array.reshape(-1)).cast("B"))
+                advance(array.nbytes)
+        os.chmod(staging.name, 0o644)  # NamedTemporaryFile makes it private; the finished file is an ordinary one
+        os.replace(staging.name, path)
+    except BaseException:
+        os.remove(staging.name)
+        raise

@@ -108,3 +108,63 @@ def _vectors(array, where, width):
             f"{where}: {vectors.shape[1]}-wide vectors{made_for}, but the text encoder is {width} wide"
         )
     return np.ascontiguousarray(vectors, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+EMBEDDING_FORMATS = ("a1111", "diffusers")
+DIFFUSERS_EMBEDDING_NAME = "learned_embeds.safetensors"  # what diffusers' textual-inversion training writes
+
+
+def write_textual_inversion(path, embedding, format="a1111"):
+    """Writes a `TextualInversion` as a ``.safetensors`` file that AUTOMATIC1111 or diffusers loads.
+
+    - ``"a1111"``: ``{"emb_params": [n, D]}``, the form kohya and AUTOMATIC1111 write. AUTOMATIC1111 names an
+      embedding by its file, so the file is ``<token>.safetensors``: a folder ``path`` gets that file, and a
+      file ``path`` must be named so. The token is also kept in the header's metadata (``"name"``), for the
+      record; readers (ours, A1111's, diffusers') go by the file's name.
+    - ``"diffusers"``: ``{token: [n, D]}``, diffusers' ``learned_embeds.safetensors`` (the name a folder
+      ``path`` gets); diffusers' ``load_textual_inversion`` adds ``token``, ``token_1``, ... for n vectors.
+
+    The file appears only when complete (written beside it, then renamed).
+
+    Args:
+        path: the file to write, or an existing folder to write it in.
+        embedding: the `TextualInversion`; its token is required.
+        format: ``"a1111"`` or ``"diffusers"``.
+
+    Returns:
+        The path of the file written.
+
+    Raises:
+        ValueError: an unknown format, no token, a file name that differs from the token (a1111), vectors
+            that are not ``[n, D]``.
+
+    Example:
+
+    >>> write_textual_inversion("out/", TextualInversion("my-style", vectors), "a1111")   # doctest: +SKIP
+    'out/my-style.safetensors'
+    """
+    from weights_conversion.convert import write_safetensors
+
+    if format not in EMBEDDING_FORMATS:
+        raise ValueError(f"Unknown embedding format {format!r}; expected one of {', '.join(EMBEDDING_FORMATS)}")
+    token = embedding.token
+    if not token:
+        raise ValueError("The embedding has no token to name it by")
+    vectors = np.asarray(embedding.vectors, np.float32)
+    if vectors.ndim != 2 or 0 in vectors.shape:
+        raise ValueError(f"The embedding's vectors have shape {vectors.shape}; expected [n, D]")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, f"{token}.safetensors" if format == "a1111" else DIFFUSERS_EMBEDDING_NAME)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: an embedding is written as a .safetensors file")
+    if format == "a1111":
+        if os.path.basename(path) != f"{token}.safetensors":
+            raise ValueError(f"{path}: AUTOMATIC1111 names an embedding by its file; name it {token}.safetensors "
+                             "(or pass a folder)")
+        write_safetensors(path, {"emb_params": vectors}, metadata={"name": token})
+    else:
+        write_safetensors(path, {token: vectors})
+    return path

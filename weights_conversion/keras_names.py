@@ -158,3 +158,133 @@ def convert_vae(state_dict):
 def convert_text_encoder(state_dict):
     """Transformers ``CLIPTextModel`` state dict -> our text encoder weights."""
     return convert(state_dict, TEXT_ENCODER_RULES, "text_encoder", ignored=TEXT_ENCODER_IGNORED)
+
+
+# --------------------------------------------------------------------------------------------- the reverse
+# Our names back to diffusers / transformers ones. The correspondence is stated once, by the rules above: the
+# reverse map is made by running them over every module name the PyTorch networks can have (the grammars
+# below, `{i}`, `{j}`, `{k}` standing for any index) and keeping the names our weights hold.
+
+_RESNET_PARTS = ("norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut")
+_TRANSFORMER_PARTS = ("norm", "proj_in", "proj_out", *(
+    f"transformer_blocks.{{k}}.{part}"
+    for part in ("norm1", "norm2", "norm3", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")))
+UNET_MODULES = (
+    "conv_in", "time_embedding.linear_1", "time_embedding.linear_2", "conv_norm_out", "conv_out",
+    "down_blocks.{i}.downsamplers.0.conv", "up_blocks.{i}.upsamplers.0.conv",
+    *(f"{block}.resnets.{{j}}.{part}" for block in ("down_blocks.{i}", "mid_block", "up_blocks.{i}")
+      for part in _RESNET_PARTS),
+    *(f"{block}.attentions.{{j}}.{part}" for block in ("down_blocks.{i}", "mid_block", "up_blocks.{i}")
+      for part in _TRANSFORMER_PARTS),
+)
+VAE_MODULES = (
+    "quant_conv", "post_quant_conv",
+    *(f"{side}.{part}" for side in ("encoder", "decoder") for part in (
+        "conv_in", "conv_norm_out", "conv_out",
+        *(f"mid_block.resnets.{{j}}.{p}" for p in _RESNET_PARTS),
+        *(f"mid_block.attentions.0.{p}" for p in ("group_norm", "to_q", "to_k", "to_v", "to_out.0")))),
+    *(f"encoder.down_blocks.{{i}}.resnets.{{j}}.{p}" for p in _RESNET_PARTS),
+    *(f"decoder.up_blocks.{{i}}.resnets.{{j}}.{p}" for p in _RESNET_PARTS),
+    "encoder.down_blocks.{i}.downsamplers.0.conv", "decoder.up_blocks.{i}.upsamplers.0.conv",
+)
+# With transformers < 5's "text_model." prefix, which every version reads.
+TEXT_ENCODER_MODULES = (
+    "text_model.embeddings.token_embedding", "text_model.embeddings.position_embedding", "text_model.final_layer_norm",
+    *(f"text_model.encoder.layers.{{i}}.{part}" for part in (
+        "layer_norm1", "layer_norm2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+        "mlp.fc1", "mlp.fc2")),
+)
+NETWORK_NAMING = {
+    "unet": (UNET_RULES, UNET_MODULES),
+    "vae": (VAE_RULES, VAE_MODULES),
+    "text_encoder": (TEXT_ENCODER_RULES, TEXT_ENCODER_MODULES),
+}
+# Our dense layers that SD 1.x's PyTorch UNet holds as 1x1 convolutions (``use_linear_projection=False``).
+_CONV_PROJECTIONS = re.compile(r"_proj_(in|out)$")
+_TORCH_LEAVES = {"kernel": "weight", "embeddings": "weight", "gamma": "weight", "bias": "bias", "beta": "bias"}
+
+
+def _expand(template, count):
+    """Every name a template stands for, its ``{i}``, ``{j}``, ``{k}`` each taking 0 .. count-1."""
+    fields = sorted(set(re.findall(r"\{([ijk])\}", template)))
+    names = []
+    for values in np.ndindex(*(count,) * len(fields)):
+        names.append(template.format(**dict(zip(fields, map(str, values)))))
+    return names
+
+
+def torch_modules(network, layers):
+    """``{our layer: PyTorch module}`` for ``layers`` of one network (``"unet"``, ``"vae"``, ``"text_encoder"``).
+
+    The reverse of `rename_module` under that network's rules, made by renaming every module the network's
+    grammar can name (indices up to the largest in ``layers``) and keeping ours.
+
+    Raises:
+        CheckpointError: naming every layer that no PyTorch module becomes.
+
+    Example:
+
+    >>> torch_modules("unet", ["down0_attn0_block0_self_q", "mid_res0_skip"])
+    {'down0_attn0_block0_self_q': 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q', 'mid_res0_skip': 'mid_block.resnets.0.conv_shortcut'}
+    """
+    rules, templates = NETWORK_NAMING[network]
+    layers = set(layers)
+    count = 1 + max((int(n) for layer in layers for n in re.findall(r"\d+", layer)), default=0)
+    found = {}
+    for template in templates:
+        for module in _expand(template, count):
+            layer = rename_module(module, rules)
+            if layer in layers:
+                found[layer] = module
+    missing = layers - found.keys()
+    if missing:
+        raise CheckpointError(f"{network}: no PyTorch module is named {', '.join(sorted(missing))} by our rules")
+    return {layer: found[layer] for layer in sorted(layers)}
+
+
+def torch_shape(layer, kernel_shape, conv_projections=False):
+    """The PyTorch weight shape behind our kernel: ``[out, in, kh, kw]`` for a convolution, ``[out, in]`` for
+    a dense layer, ``[out, in, 1, 1]`` for a projection SD 1.x holds as a 1x1 convolution (``conv_projections``)."""
+    if len(kernel_shape) == 4:
+        kh, kw, fan_in, fan_out = kernel_shape
+        return (fan_out, fan_in, kh, kw)
+    fan_in, fan_out = kernel_shape
+    if conv_projections and _CONV_PROJECTIONS.search(layer):
+        return (fan_out, fan_in, 1, 1)
+    return (fan_out, fan_in)
+
+
+def torch_layout(layer, kernel, conv_projections=False):
+    """Our kernel in PyTorch's layout: the reverse of `kernel_layout`."""
+    if kernel.ndim == 4:
+        return np.transpose(kernel, (3, 2, 0, 1))
+    return np.transpose(kernel).reshape(torch_shape(layer, kernel.shape, conv_projections))
+
+
+def to_torch(weights, network, conv_projections=False):
+    """Our weights of one network (``{path: array}``) as the PyTorch state dict they were converted from:
+    the reverse of `convert_unet`, `convert_vae` and `convert_text_encoder` (text encoder keys with
+    ``text_model.``).
+
+    Args:
+        weights: ``{path: array}``, e.g. ``{v.path: v.numpy()}`` of one network (the VAE's encoder and decoder
+            together).
+        network: ``"unet"``, ``"vae"`` or ``"text_encoder"``.
+        conv_projections: the UNet's ``proj_in`` / ``proj_out`` are 1x1 convolutions (SD 1.x), not linears.
+
+    Example:
+
+    >>> to_torch({"input_conv/kernel": np.zeros((3, 3, 4, 320))}, "unet")["conv_in.weight"].shape
+    (320, 4, 3, 3)
+    """
+    modules = torch_modules(network, {path.rsplit("/", 1)[0] for path in weights})
+    state_dict = {}
+    for path, array in weights.items():
+        layer, variable = path.rsplit("/", 1)
+        if variable not in _TORCH_LEAVES:
+            raise CheckpointError(f"{network}: {path} is not a weight PyTorch has")
+        if variable == "kernel":
+            array = torch_layout(layer, np.asarray(array), conv_projections)
+        state_dict[f"{modules[layer]}.{_TORCH_LEAVES[variable]}"] = np.asarray(array)
+    return state_dict

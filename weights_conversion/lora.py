@@ -434,7 +434,8 @@ def _update(path, source, factors, model_shape, config, module):
     if not fits:
         return None, ("mis-shaped", f"{source} -> {path} (LoRA {delta_shape}, model {expected}, PyTorch layout)")
     scale = _scale(factors, down.shape[0], config, module)
-    return LoraUpdate(path, expected, up, down, scale, mid, source), None
+    # The file's own layout: an SD 1.x proj_in is a 1x1 convolution in PyTorch though dense here.
+    return LoraUpdate(path, delta_shape, up, down, scale, mid, source), None
 
 
 def _problems_message(problems):
@@ -448,3 +449,140 @@ def _problems_message(problems):
         more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
         parts.append(f"{kind}: {listed}{more}")
     return f"LoRA does not fit the model ({len(problems)} problems): " + " | ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+LORA_FORMATS = ("diffusers", "kohya")
+# The networks' prefixes in each format (the reader's `_split_key` reads the same ones).
+_WRITE_PREFIXES = {"diffusers": {"unet": "unet.", "text_encoder": "text_encoder."},
+                   "kohya": {"unet": "lora_unet_", "text_encoder": "lora_te_"}}
+
+
+def lora_state_dict(updates, format="diffusers"):
+    """LoRA updates as the tensors and safetensors metadata of a diffusers / PEFT or a kohya / A1111 file.
+
+    - ``"diffusers"``: ``unet.<module>.lora_A.weight`` (down) and ``.lora_B.weight`` (up), ``text_encoder.<module>``
+      for the text encoder, and the ``lora_adapter_metadata`` that diffusers' ``save_lora_weights`` writes: per
+      network the PEFT ``LoraConfig`` fields ``r``, ``lora_alpha``, ``target_modules`` (every adapted module),
+      and ``rank_pattern`` / ``alpha_pattern`` for the modules whose rank or alpha differ from the most common.
+    - ``"kohya"``: ``lora_unet_<module with _ for .>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``
+      (``lora_te_`` for the text encoder), as kohya's sd-scripts write them; a Tucker core as ``.lora_mid.weight``.
+
+    Module names are diffusers' / transformers' (``keras_names.torch_modules``); each update's ``torch_shape``
+    gives the factors' layout (``[out, r, 1, 1]`` / ``[r, in, kh, kw]`` for convolutions, SD 1.x's 1x1
+    ``proj_in`` / ``proj_out`` included); alpha is ``scale * rank``.
+
+    Args:
+        updates: ``{"unet": updates, "text_encoder": updates}``, each a list of `LoraUpdate` or
+            ``{path: LoraUpdate}`` (as `lora_updates` returns); a network may be left out.
+        format: ``"diffusers"`` or ``"kohya"``.
+
+    Returns:
+        ``(state_dict, metadata)``: ``{name: float32 array}`` and ``{str: str}``.
+
+    Raises:
+        ValueError: an unknown format or network, a Tucker core in a diffusers file, factors that do not
+            fit their ``torch_shape``.
+
+    Example:
+
+    >>> up, down = np.ones((320, 4), "float32"), np.ones((4, 320), "float32")
+    >>> update = LoraUpdate("down0_attn0_block0_self_q/kernel", (320, 320), up, down, scale=0.5)
+    >>> state_dict, _ = lora_state_dict({"unet": [update]}, "kohya")
+    >>> sorted(state_dict)[0], float(state_dict[sorted(state_dict)[0]])
+    ('lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha', 2.0)
+    """
+    if format not in LORA_FORMATS:
+        raise ValueError(f"Unknown LoRA format {format!r}; expected one of {', '.join(LORA_FORMATS)}")
+    state_dict, configs = {}, {}
+    for network, network_updates in updates.items():
+        if network not in NETWORKS:
+            raise ValueError(f"Unknown network {network!r} in the LoRA updates; expected {', '.join(NETWORKS)}")
+        network_updates = list(network_updates.values() if isinstance(network_updates, dict) else network_updates)
+        if not network_updates:
+            continue
+        modules = keras_names.torch_modules(network, [u.path.rsplit("/", 1)[0] for u in network_updates])
+        ranks, alphas = {}, {}
+        for update in network_updates:
+            module = modules[update.path.rsplit("/", 1)[0]]
+            factors = _torch_factors(update)
+            ranks[module], alphas[module] = factors["down"].shape[0], float(update.scale) * factors["down"].shape[0]
+            name = _WRITE_PREFIXES[format][network] + (module.replace(".", "_") if format == "kohya" else module)
+            state_dict.update(_named_factors(format, name, factors, alphas[module]))
+        configs[network] = _peft_config_fields(_peft_names(ranks), _peft_names(alphas))
+    metadata = {}
+    if format == "diffusers" and configs:
+        packed = {f"{network}.{k}": v for network, config in configs.items() for k, v in config.items()}
+        metadata["lora_adapter_metadata"] = json.dumps(packed, indent=2, sort_keys=True)
+    return state_dict, metadata
+
+
+def write_lora(path, updates, format="diffusers"):
+    """Writes LoRA updates as a ``.safetensors`` file that diffusers (``load_lora_weights``), AUTOMATIC1111 and
+    ComfyUI load, and `read_lora` / `lora_updates` read back; see `lora_state_dict` for the two formats.
+
+    The file appears only when complete (written beside ``path``, then renamed).
+
+    Example:
+
+    >>> write_lora("style.safetensors", {"unet": unet_updates}, format="kohya")   # doctest: +SKIP
+    """
+    from weights_conversion.convert import write_safetensors  # convert reads LoRA-free sources; no cycle at import
+
+    state_dict, metadata = lora_state_dict(updates, format)
+    if not state_dict:
+        raise ValueError("No LoRA updates to write")
+    write_safetensors(path, state_dict, metadata=metadata)
+    return os.fspath(path)
+
+
+def _torch_factors(update):
+    """``{"down", "up"[, "mid"]}`` of an update in PyTorch's layout for its ``torch_shape``, float32."""
+    shape, rank = tuple(update.torch_shape), update.down.shape[0]
+    out, fan_in, spatial = shape[0], shape[1], shape[2:]
+    down_shape = (rank, fan_in, 1, 1) if update.mid is not None else (rank, fan_in, *spatial)
+    mid_fits = update.mid is None or (update.mid.shape[:2] == (rank, rank) and update.mid.shape[2:] == spatial)
+    if update.up.size != out * rank or update.down.size != np.prod(down_shape) or not mid_fits:
+        raise ValueError(f"{update.path}: LoRA factors up {update.up.shape}, down {update.down.shape} do not make "
+                         f"the PyTorch weight {shape}")
+    factors = {"up": np.asarray(update.up, np.float32).reshape(out, rank, *(1,) * len(spatial)),
+               "down": np.asarray(update.down, np.float32).reshape(down_shape)}
+    if update.mid is not None:
+        factors["mid"] = np.asarray(update.mid, np.float32)
+    return factors
+
+
+def _named_factors(format, name, factors, alpha):
+    if format == "kohya":
+        named = {f"{name}.lora_{factor}.weight": array for factor, array in factors.items()}
+        return {**named, f"{name}.alpha": np.array(alpha, np.float32)}
+    if "mid" in factors:
+        raise ValueError(f"{name}: a Tucker-core (LyCORIS) LoRA has no diffusers / PEFT form; write it as kohya")
+    return {f"{name}.lora_A.weight": factors["down"], f"{name}.lora_B.weight": factors["up"]}
+
+
+def _peft_names(by_module):
+    """Module names as PEFT matches them whatever the transformers version: without ``text_model.``, which
+    transformers 5 drops (PEFT matches a target at the end of a module's path, so older versions match too)."""
+    return {module.removeprefix("text_model."): value for module, value in by_module.items()}
+
+
+def _most_common(values):
+    values = list(values)
+    return max(sorted(set(values)), key=values.count)
+
+
+def _peft_config_fields(ranks, alphas):
+    """The PEFT ``LoraConfig`` fields that give each module its rank and alpha (module names as patterns:
+    PEFT matches ``(.*\\.)?(<pattern>)$``, and our module names are whole paths)."""
+    rank, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {m: r for m, r in sorted(ranks.items()) if r != rank},
+        "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != alpha},
+        "use_rslora": False,
+        "use_dora": False,
+    }
