@@ -184,3 +184,191 @@ def flat_factors(factors, modules, before):
                      module.lora_B["default"].weight.detach().numpy().T.ravel()]
         start += [before[path][0].ravel(), before[path][1].ravel()]
     return np.concatenate(ours), np.concatenate(expected), np.concatenate(start)
+
+
+# ----------------------------------------------------------------------------------- learning, data
+
+
+def write_images(folder, count=4, size=64, captions=True):
+    """Synthetic pictures: a coloured square on a plain background, each with a kohya caption."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(11)
+    for i in range(count):
+        pixels = np.full((size, size + 8 * i, 3), rng.integers(0, 256, 3), np.uint8)
+        top, left = rng.integers(0, size // 2, 2)
+        pixels[top : top + size // 2, left : left + size // 2] = rng.integers(0, 256, 3)
+        Image.fromarray(pixels).save(folder / f"image{i}.png")
+        if captions:
+            (folder / f"image{i}.txt").write_text(f"a {['red', 'green', 'blue', 'white'][i % 4]} square")
+    return folder
+
+
+def evaluation_loss(trainer, images, token_ids):
+    """The loss at fixed timesteps and noise, on the posterior means of the images (two timesteps each)."""
+    moments = np.asarray(trainer.image_encoder(images))
+    latents = np.repeat(moments[..., :4] * trainer.scaling_factor, 2, axis=0)
+    context = np.repeat(np.asarray(trainer.encode_text(token_ids)), 2, axis=0)
+    noise = np.random.default_rng(5).standard_normal(latents.shape).astype("float32")
+    timesteps = np.linspace(50, 950, len(latents)).astype("int32")
+    return float(np.mean(trainer.diffusion_loss(latents, context, timesteps, noise)))
+
+
+def test_training_on_a_few_images_lowers_the_loss(reference, tmp_path):
+    fresh = load_components(reference[1], precision="float32", cache=False, progress=False)  # trained in place
+    trainer = Trainer(fresh, method="full", seed=0)
+    data = image_caption_dataset(write_images(tmp_path / "images"), resolution=32, batch_size=2,
+                                 tokenizer=trainer.tokenizer, repeat=True)
+    batch = next(iter(image_caption_dataset(tmp_path / "images", resolution=32, batch_size=4, random_flip=False,
+                                            tokenizer=trainer.tokenizer)))
+    images, token_ids = batch["images"].numpy(), batch["token_ids"].numpy()
+    before = evaluation_loss(trainer, images, token_ids)
+    trainer.compile(optimizer=keras.optimizers.AdamW(3e-3), run_eagerly=True)  # a few steps: tracing would dominate
+    history = trainer.fit(data, epochs=1, steps_per_epoch=5, verbose=0)
+    after = evaluation_loss(trainer, images, token_ids)
+    assert np.isfinite(history.history["loss"]).all()
+    assert after < 0.85 * before, (before, after)
+
+
+def test_textual_inversion_changes_only_the_new_rows(parts):
+    trainer = Trainer(parts, method="textual_inversion", token="<tiny-cat>", initializer_token="cat", num_vectors=2)
+    assert trainer.trainable_variables == [trainer.token_vectors]
+    base_rows = parts.text_encoder.get_layer("token_embedding").input_dim
+    cat = parts.tokenizer.encode("cat")[1]
+    frozen = {v.path: np.array(v.numpy()) for v in [*trainer.text_encoder.weights, *parts.diffusion_model.weights]}
+    initial = trainer.token_vectors.numpy().copy()
+    np.testing.assert_array_equal(initial, frozen["token_embedding/embeddings"][[cat, cat]])
+    batch = dict(draws(seed=2), token_ids=trainer.tokenizer(["a photo of <tiny-cat>", "<tiny-cat> on a sofa"]))
+    trainer.compile(optimizer=keras.optimizers.SGD(10.0), run_eagerly=True)
+    trainer.train_on_batch(batch)
+    trainer.train_on_batch(batch)
+    for v in [*trainer.text_encoder.weights, *parts.diffusion_model.weights]:
+        np.testing.assert_array_equal(v.numpy(), frozen[v.path], err_msg=v.path)
+    learned = trainer.token_vectors.numpy()
+    assert np.abs(learned - initial).max() > 1e-4
+    table = trainer.components.text_encoder.get_layer("token_embedding").embeddings.numpy()
+    np.testing.assert_array_equal(table[:base_rows], frozen["token_embedding/embeddings"][:base_rows])
+    np.testing.assert_array_equal(table[base_rows:], learned)
+
+
+def test_dreambooth_weights_the_class_items(parts):
+    trainer = Trainer(parts, method="dreambooth", prior_loss_weight=0.25)
+    losses = np.array([1.0, 2.0, 4.0, 8.0], "float32")
+    loss = trainer.compute_loss(x={"prior": np.array([0, 0, 1, 1], "float32")}, y_pred=losses)
+    assert float(loss) == pytest.approx(1.5 + 0.25 * 6.0)  # train_dreambooth.py: instance mean + w * prior mean
+    assert float(trainer.compute_loss(x={}, y_pred=losses)) == pytest.approx(3.75)
+
+
+def test_dataset_layouts_and_errors(tmp_path):
+    folder = write_images(tmp_path / "kohya", count=2)
+    batch = next(iter(image_caption_dataset(folder, resolution=32, batch_size=2, shuffle=False, random_flip=False)))
+    assert batch["images"].shape == (2, 32, 32, 3) and batch["token_ids"].shape == (2, 77)
+    assert -1.0 <= float(np.min(batch["images"])) and float(np.max(batch["images"])) <= 1.0
+    # image1 is 72 wide: resized to 32 high, 36 wide, then the middle 32 columns (torchvision's center crop)
+    with Image.open(folder / "image1.png") as image:
+        expected = np.asarray(image.convert("RGB").resize((36, 32), Image.BILINEAR), np.float32)[:, 2:34] / 127.5 - 1
+    np.testing.assert_allclose(batch["images"][1], expected, atol=1e-6)
+    from kerasdiffusion.tokenizer import CLIPTokenizer
+
+    np.testing.assert_array_equal(batch["token_ids"][1], CLIPTokenizer()("a green square")[0])
+
+    hf = write_images(tmp_path / "hf", count=2, captions=False)
+    (hf / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"image{i}.png", "text": f"picture {i}"})
+                                                 for i in range(2)))
+    batch = next(iter(image_caption_dataset(hf, resolution=32, batch_size=2, shuffle=False)))
+    np.testing.assert_array_equal(batch["token_ids"][0], CLIPTokenizer()("picture 0")[0])
+
+    (folder / "image1.txt").unlink()
+    with pytest.raises(ValueError, match="missing caption.*image1.png"):
+        image_caption_dataset(folder, resolution=32)
+    (folder / "image1.txt").write_text("x")
+    (folder / "image0.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="unreadable image .*image0.png"):
+        image_caption_dataset(folder, resolution=32)
+    with pytest.raises(ValueError, match="no 'text'"):
+        (hf / "metadata.jsonl").write_text(json.dumps({"file_name": "image0.png"}))
+        image_caption_dataset(hf, resolution=32)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        image_caption_dataset(hf, resolution=30)
+
+
+def test_prior_preservation_batches(tmp_path):
+    instance = image_caption_dataset(write_images(tmp_path / "a", count=2), resolution=32, caption="a sks square")
+    classes = image_caption_dataset(write_images(tmp_path / "b", count=3), resolution=32, caption="a square")
+    batch = next(iter(with_prior_preservation(instance, classes)))
+    assert batch["images"].shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(batch["prior"], [0.0, 1.0])
+
+
+# ------------------------------------------------------------------------------- saved and loaded
+
+
+@pytest.fixture(scope="module")
+def trained_lora(parts, tmp_path_factory):
+    """A LoRA of both networks trained two steps, saved in both formats."""
+    trainer = Trainer(parts, method="lora", rank=4, alpha=8, train_text_encoder=True, seed=1)
+    trainer.compile(optimizer=keras.optimizers.AdamW(1e-2), run_eagerly=True)
+    for _ in range(2):
+        trainer.train_on_batch(step_batch(parts))
+    folder = tmp_path_factory.mktemp("trained-lora")
+    paths = {f: trainer.save(folder / f"{f}.safetensors", format=f) for f in ("diffusers", "kohya")}
+    return trainer, paths
+
+
+def unet_inputs():
+    d = draws(seed=9)
+    context = np.random.default_rng(10).standard_normal((BATCH, 77, 64)).astype("float32")
+    return d["latents"], d["timesteps"].astype("float32"), context
+
+
+@pytest.mark.parametrize("form", ["diffusers", "kohya"])
+def test_trained_lora_loads_in_diffusers_and_here(reference, parts, trained_lora, form, record_property):
+    from kerasdiffusion import StableDiffusion
+
+    trainer, paths = trained_lora
+    latents, timesteps, context = unet_inputs()
+    token_ids = parts.tokenizer(CAPTIONS)
+    base = np.asarray(parts.diffusion_model([latents, timesteps, context]))
+    with trainer._adapted("unet"):
+        trained = {"unet": np.asarray(parts.diffusion_model([latents, timesteps, context]))}
+    trained["text_encoder"] = np.asarray(trainer.encode_text(token_ids))
+
+    pipeline = copy.deepcopy(reference[0])
+    pipeline.load_lora_weights(str(paths[form]))
+    with torch.no_grad():
+        theirs = {"unet": R.nhwc(pipeline.unet(R.nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample),
+                  "text_encoder": pipeline.text_encoder(torch.from_numpy(token_ids).long())[0].numpy()}
+    sd = StableDiffusion.from_components(parts, img_width=64, img_height=64, jit_compile=False)
+    name = sd.load_lora(paths[form])
+    try:
+        ours = {"unet": np.asarray(parts.diffusion_model([latents, timesteps, context])),
+                "text_encoder": np.asarray(parts.text_encoder(token_ids))}
+    finally:
+        sd.unload_lora(name)
+    errors = {f"{network}_{other}": R.relative_error(trained[network], reference_outputs[network])
+              for network in trained for other, reference_outputs in (("diffusers", theirs), ("ours", ours))}
+    record_property("relative_errors", errors)
+    assert R.relative_error(trained["unet"], base) > 1e-3  # the LoRA learned something
+    assert max(errors.values()) < 1e-4, errors
+
+
+@pytest.mark.parametrize("form", ["a1111", "diffusers"])
+def test_trained_embedding_loads_in_diffusers_and_here(reference, parts, tmp_path, form, record_property):
+    from kerasdiffusion import StableDiffusion
+
+    trainer = Trainer(parts, method="textual_inversion", token="<tiny-fox>", initializer_token="fox", num_vectors=2)
+    trainer.compile(optimizer=keras.optimizers.SGD(10.0), run_eagerly=True)
+    trainer.train_on_batch(dict(draws(seed=4), token_ids=trainer.tokenizer(["a <tiny-fox> photo", "<tiny-fox>"])))
+    path = trainer.save(tmp_path, format=form)
+    prompt = "a watercolor <tiny-fox> in the snow"
+    trained = np.asarray(trainer.encode_text(trainer.tokenizer([prompt])))
+
+    pipeline = copy.deepcopy(reference[0])
+    pipeline.load_textual_inversion(str(path), token="<tiny-fox>")
+    with torch.no_grad():
+        theirs = pipeline.encode_prompt(prompt, "cpu", 1, False)[0].numpy()
+    sd = StableDiffusion.from_components(parts, img_width=64, img_height=64, jit_compile=False, prompt_syntax="plain")
+    sd.load_textual_inversion(path, token="<tiny-fox>")
+    ours = np.asarray(sd.encode_text(prompt))
+    errors = {"diffusers": R.relative_error(trained, theirs), "ours": R.relative_error(trained, ours)}
+    record_property("relative_errors", errors)
+    assert max(errors.values()) < 1e-5, errors

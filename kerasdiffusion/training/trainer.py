@@ -303,6 +303,9 @@ class Trainer(keras.Model):
                 (``learned_embeds.safetensors``); full and DreamBooth: ``"diffusers"`` (default, a folder)
                 or ``"single-file"`` (one ``.safetensors`` with the original CompVis names).
 
+        Returns:
+            The path written.
+
         Example:
 
         >>> trainer.save("style.safetensors", format="kohya")                   # doctest: +SKIP
@@ -313,13 +316,14 @@ class Trainer(keras.Model):
         if self.method == "lora":
             from weights_conversion.lora import write_lora
 
-            write_lora(path, self.lora_updates(), format)
+            return write_lora(path, self.lora_updates(), format)
         elif self.method == "textual_inversion":
             from weights_conversion.embeddings import TextualInversion, write_textual_inversion
 
             token, vectors = self.embedding()
-            write_textual_inversion(path, TextualInversion(token, vectors), format=format)
+            return write_textual_inversion(path, TextualInversion(token, vectors), format=format)
         else:
-            from kerasdiffusion.export import export
+            from kerasdiffusion.exporting import export
 
             export(self.components, path, format=format)
+            return path
