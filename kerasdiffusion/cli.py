@@ -254,6 +254,8 @@ def _add_train(commands):
     train.add_argument("--checkpoint-every", type=int, default=500, metavar="N", help="(default: %(default)s)")
     train.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
     train.add_argument("--no-xla", action="store_true", help="do not compile the training step with XLA")
+    train.add_argument("--eager", action="store_true",
+                       help="run the step op by op (no compilation: for debugging, or a few steps of a tiny model)")
     _add_quiet(train)
     train.set_defaults(run=run_train)
 
@@ -476,7 +478,7 @@ def run_train(args):
         class_data=args.class_data, class_prompt=args.class_prompt, prior_loss_weight=args.prior_loss_weight,
         train_text_encoder=args.train_text_encoder, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
         format=args.format, precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        jit_compile=not args.no_xla, resume=args.resume, quiet=args.quiet,
+        jit_compile=not args.no_xla, eager=args.eager, resume=args.resume, quiet=args.quiet,
     )
     result = train(settings, log=_printer(args.quiet))
     _printer(args.quiet)(f"Wrote {result}")

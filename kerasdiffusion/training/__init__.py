@@ -10,6 +10,8 @@ Example:
 >>> trainer.save("style.safetensors", format="kohya")
 """
 
+from kerasdiffusion.training.data import image_caption_dataset, read_records, with_prior_preservation  # noqa: F401
 from kerasdiffusion.training.lora import DEFAULT_TARGETS, TARGETS, LowRankUpdate  # noqa: F401
 from kerasdiffusion.training.objective import TrainingSchedule  # noqa: F401
+from kerasdiffusion.training.run import RunSettings, restore_checkpoint, save_checkpoint, train  # noqa: F401
 from kerasdiffusion.training.trainer import METHODS, SAVE_FORMATS, Trainer  # noqa: F401

@@ -33,7 +33,7 @@ RESULT_NAMES = {("lora", "diffusers"): "pytorch_lora_weights.safetensors", ("lor
                 ("full", "diffusers"): "model", ("full", "single-file"): "model.safetensors",
                 ("dreambooth", "diffusers"): "model", ("dreambooth", "single-file"): "model.safetensors"}
 # Settings that may differ between a run and its resumption.
-_FREE_ON_RESUME = ("steps", "checkpoint_every", "resume", "quiet", "jit_compile")
+_FREE_ON_RESUME = ("steps", "checkpoint_every", "resume", "quiet", "jit_compile", "eager")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,7 @@ class RunSettings:
     seed: int = 0
     checkpoint_every: int = 500
     jit_compile: bool = True
+    eager: bool = False
     resume: bool = False
     quiet: bool = False
 
@@ -104,8 +105,8 @@ def save_checkpoint(trainer, path, step, settings_json=""):
     """Writes the trainer's trainable, random-number and optimizer state at ``step``, atomically."""
     state = _state(trainer)
     arrays = {name: np.asarray(ops.convert_to_numpy(v)) for name, v in state.items()}
-    paths = {name: v.path for name, v in state.items()}
-    write_safetensors(path, arrays, metadata={"step": str(step), "paths": json.dumps(paths), "settings": settings_json})
+    names = {name: v.name for name, v in state.items()}
+    write_safetensors(path, arrays, metadata={"step": str(step), "names": json.dumps(names), "settings": settings_json})
 
 
 def read_checkpoint_header(path):
@@ -126,8 +127,9 @@ def restore_checkpoint(trainer, path):
         trainer.optimizer.build(trainer.trainable_variables)
     header, arrays = read_checkpoint_header(path), load_file(path)
     state = _state(trainer)
-    paths = json.loads(header["paths"])
-    if sorted(paths) != sorted(state) or any(paths[n] != v.path or arrays[n].shape != tuple(v.shape)
+    names = json.loads(header["names"])
+    # Names, not paths: paths carry the numbers Keras gives a second trainer or optimizer of one process.
+    if sorted(names) != sorted(state) or any(names[n] != v.name or arrays[n].shape != tuple(v.shape)
                                              for n, v in state.items()):
         raise ValueError(f"The checkpoint {path} is of another trainer: its variables differ from this run's")
     for name, variable in state.items():
@@ -247,7 +249,7 @@ def train(settings, components=None, log=print):
     keras.utils.set_random_seed(settings.seed)
     trainer = make_trainer(settings, components)
     trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate(settings), weight_decay=1e-2),
-                    jit_compile=settings.jit_compile)
+                    jit_compile=settings.jit_compile and not settings.eager, run_eagerly=settings.eager)
     first_step = restore_checkpoint(trainer, resume_from) if resume_from else 0
     data = make_dataset(settings, trainer.tokenizer).skip(first_step)
     callbacks = [CheckpointEvery(checkpoint_path(settings), settings.checkpoint_every, first_step, settings.steps,
@@ -256,7 +258,8 @@ def train(settings, components=None, log=print):
         callbacks.append(ProgressBar(first_step, settings.steps))
     start = time.perf_counter()
     if settings.steps > first_step:
-        trainer.fit(data, epochs=1, steps_per_epoch=settings.steps - first_step, callbacks=callbacks, verbose=0)
+        trainer.fit(data, epochs=1, steps_per_epoch=settings.steps - first_step, callbacks=callbacks, verbose=0,
+                    shuffle=False)
     log(f"Trained steps {first_step + 1}-{settings.steps} in {time.perf_counter() - start:.1f} s")
     return save_result(trainer, settings)
 
