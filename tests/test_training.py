@@ -335,7 +335,8 @@ def test_trained_lora_loads_in_diffusers_and_here(reference, parts, trained_lora
     pipeline = copy.deepcopy(reference[0])
     pipeline.load_lora_weights(str(paths[form]))
     with torch.no_grad():
-        theirs = {"unet": R.nhwc(pipeline.unet(R.nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample),
+        prediction = pipeline.unet(R.nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+        theirs = {"unet": R.nhwc(prediction),
                   "text_encoder": pipeline.text_encoder(torch.from_numpy(token_ids).long())[0].numpy()}
     sd = StableDiffusion.from_components(parts, img_width=64, img_height=64, jit_compile=False)
     name = sd.load_lora(paths[form])

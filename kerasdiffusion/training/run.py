@@ -181,10 +181,11 @@ def learning_rate(settings):
             return settings.learning_rate
         return keras.optimizers.schedules.CosineDecay(0.0, 1, alpha=1.0, warmup_target=settings.learning_rate,
                                                       warmup_steps=settings.warmup_steps)
-    return keras.optimizers.schedules.CosineDecay(0.0 if settings.warmup_steps else settings.learning_rate,
-                                                  max(settings.steps - settings.warmup_steps, 1),
-                                                  warmup_target=settings.learning_rate if settings.warmup_steps else None,
-                                                  warmup_steps=settings.warmup_steps)
+    warmup = settings.warmup_steps
+    return keras.optimizers.schedules.CosineDecay(0.0 if warmup else settings.learning_rate,
+                                                  max(settings.steps - warmup, 1),
+                                                  warmup_target=settings.learning_rate if warmup else None,
+                                                  warmup_steps=warmup)
 
 
 def make_trainer(settings, components):

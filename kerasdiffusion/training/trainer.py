@@ -254,7 +254,8 @@ class Trainer(keras.Model):
         if "timesteps" in batch:
             timesteps = ops.cast(batch["timesteps"], "int32")
         else:
-            timesteps = keras.random.randint((shape[0],), 0, self.schedule.num_train_timesteps, seed=self.seed_generator)
+            timesteps = keras.random.randint((shape[0],), 0, self.schedule.num_train_timesteps,
+                                             seed=self.seed_generator)
         return timesteps, noise
 
     def call(self, batch, training=False):
@@ -265,7 +266,8 @@ class Trainer(keras.Model):
         return self.diffusion_loss(latents, context, timesteps, noise, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """The mean of the items' losses; with DreamBooth's ``"prior"`` items, instance mean plus weighted class mean."""
+        """The mean of the items' losses; with DreamBooth's ``"prior"`` items, the instance mean plus the
+        class mean times ``prior_loss_weight``."""
         if not isinstance(x, dict) or "prior" not in x:
             return ops.mean(y_pred)
         prior = ops.cast(x["prior"], "float32")
