@@ -25,6 +25,7 @@ _EXPORTS = {
     "StableDiffusion": "kerasdiffusion.pipeline",
     "Components": "kerasdiffusion.components",
     "load_components": "kerasdiffusion.components",
+    "export": "kerasdiffusion.exporting",  # not export.py: a submodule of that name would replace the function
     "CLIPTokenizer": "kerasdiffusion.tokenizer",
     "SchedulerConfig": "kerasdiffusion.schedulers",
     "get_scheduler": "kerasdiffusion.schedulers",

@@ -29,6 +29,7 @@ from kerasdiffusion import prompts, sources
 from kerasdiffusion.config import PRECISIONS, PROMPT_SYNTAXES, SCHEDULER_NAMES
 from weights_conversion import progress as conversion_progress
 from weights_conversion.convert import SINGLE_FILE_SUFFIXES, save_converted
+from weights_conversion.export import EXPORT_FORMATS
 
 DEBUG_ENV = "KERASDIFFUSION_DEBUG"
 
@@ -103,6 +104,7 @@ def build_parser():
     _add_generate(commands)
     _add_convert(commands)
     _add_train(commands)
+    _add_export(commands)
     return parser
 
 
@@ -260,6 +262,28 @@ def _add_train(commands):
     train.set_defaults(run=run_train)
 
 
+def _add_export(commands):
+    export = commands.add_parser(
+        "export", help="export a model as a diffusers folder or one original .safetensors file",
+        description="Write a model (any source --model takes) in a form diffusers, AUTOMATIC1111 and ComfyUI load:\n"
+        "a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or one\n"
+        ".safetensors with the original checkpoints' (CompVis / LDM) names. Nothing is left under OUT unless\n"
+        "the export completes.",
+        epilog="examples:\n  kerasdiffusion export ./v1-5-pruned-emaonly.safetensors ./sd15-diffusers\n"
+        "  kerasdiffusion export ./sd15-diffusers ./sd15.safetensors --format single-file\n",
+        formatter_class=_Formatter,
+    )
+    export.add_argument("source", help="a Hub id (org/name), a diffusers or converted folder, or a .safetensors / "
+                        ".ckpt file")
+    export.add_argument("out", help="the folder (diffusers; must not exist, or be empty) or .safetensors file "
+                        "(single-file; must not exist) to write")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="diffusers",
+                        help="diffusers (default) or single-file")
+    _add_revision(export)
+    _add_quiet(export)
+    export.set_defaults(run=run_export)
+
+
 def _add_revision(parser):
     parser.add_argument("--revision", metavar="REV", default=None,
                         help="for a Hub id: the branch, tag or commit to use (default: main)")
@@ -278,6 +302,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except UsageError as error:  # well-formed arguments that cannot be used: argparse's status for bad usage
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as error:  # bad input: missing or corrupt files, unusable values, Hub errors
         if os.environ.get(DEBUG_ENV):
             raise
@@ -483,6 +510,38 @@ def run_train(args):
     result = train(settings, log=_printer(args.quiet))
     _printer(args.quiet)(f"Wrote {result}")
     return 0
+
+
+def run_export(args):
+    check_export_args(args)
+    start = time.perf_counter()
+    from kerasdiffusion.components import load_components
+    from kerasdiffusion.exporting import export
+
+    components = load_components(args.source, precision="float32", revision=args.revision, progress=not args.quiet)
+    export(components, args.out, format=args.format)
+    _printer(args.quiet)(f"Exported {args.source} -> {args.out} ({args.format}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def check_export_args(args):
+    """What can be checked before reading weights; raises `UsageError` (exit status 2)."""
+    out = args.out
+    if args.format == "single-file":
+        if not out.endswith(".safetensors"):
+            raise UsageError(f"a single-file export is a .safetensors file, got {out!r}")
+        if os.path.exists(out):
+            raise UsageError(f"{out!r} exists; not overwriting it")
+    elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UsageError(f"output folder {out!r} exists and is not empty")
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(parent):
+        _check_writable(parent)
+    try:
+        sources.source_kind(args.source)
+        sources.check_revision(args.source, args.revision)
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from None
 
 
 def check_generate_args(args):

@@ -55,6 +55,9 @@ class UNetConfig:
     epsilon: float = 1e-5
     attention_epsilon: float = 1e-6  # the transformer's input group norm
     upcast_attention: bool = False
+    # Whether PyTorch's proj_in / proj_out are linear layers (SD 2.x) or 1x1 convolutions (SD 1.x); dense here
+    # either way, so it matters only to the weights' PyTorch layout when exported.
+    linear_projection: bool = False
 
     @property
     def time_embedding_dim(self):
@@ -92,6 +95,9 @@ class ModelFamily:
     # What the UNet predicts when the source has no scheduler config to say it: the single-file SD 2.x
     # checkpoints people use are the 768x768 v-prediction ones.
     prediction_type: str = "epsilon"
+    # How original single-file checkpoints store the text tower: OpenAI CLIP in transformers' names (SD 1.x), or
+    # OpenCLIP's (SD 2.x).
+    open_clip: bool = False
 
 
 SD1_TEXT_ENCODER = TextEncoderConfig()
@@ -99,11 +105,12 @@ SD2_TEXT_ENCODER = TextEncoderConfig(
     width=1024, num_layers=23, num_heads=16, mlp_dim=4096, activation="gelu"
 )
 SD1_UNET = UNetConfig()
-SD2_UNET = UNetConfig(context_dim=1024, num_heads=None, head_dim=64, upcast_attention=True)
+SD2_UNET = UNetConfig(context_dim=1024, num_heads=None, head_dim=64, upcast_attention=True, linear_projection=True)
 SD_VAE = VAEConfig()
 
 SD1 = ModelFamily("sd1", SD1_TEXT_ENCODER, SD1_UNET, SD_VAE)
-SD2 = ModelFamily("sd2", SD2_TEXT_ENCODER, SD2_UNET, SD_VAE, pad_token="!", prediction_type="v_prediction")
+SD2 = ModelFamily("sd2", SD2_TEXT_ENCODER, SD2_UNET, SD_VAE, pad_token="!", prediction_type="v_prediction",
+                  open_clip=True)
 FAMILIES = {family.name: family for family in (SD1, SD2)}
 
 

@@ -213,6 +213,36 @@ class CLIPTokenizer:
         kwargs["pad_token"] = _token_text(named["pad_token"])
         return cls(vocab, merges, added_tokens=_added_token_flags(added, named), **kwargs)
 
+    def save(self, folder):
+        """Writes the tokenizer as transformers' ``CLIPTokenizer`` files, which `from_folder` reads back.
+
+        ``vocab.json`` and ``merges.txt`` hold the BPE vocabulary; ``tokenizer_config.json`` (and
+        ``special_tokens_map.json``) the special tokens, the length and every added token with its id, as
+        transformers' ``added_tokens_decoder`` (textual-inversion tokens among them: diffusers' pipelines
+        expand a ``token`` followed by ``token_1`` ... to its vectors; `from_folder` keeps them as single tokens).
+
+        Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> CLIPTokenizer().with_added_tokens({"<my-style>": 1}).save(folder)
+        >>> CLIPTokenizer.from_folder(folder).encode("a <my-style> cat")
+        [49406, 320, 49408, 2368, 49407]
+        """
+        added = {token: normalized for token, normalized in self.added_tokens.items()}
+        vocab = {token: i for token, i in self.encoder.items() if not added.get(token, False)}
+        special = {"bos_token": START_TOKEN, "eos_token": END_TOKEN, "unk_token": END_TOKEN, "pad_token": self.pad_token}
+        decoder = {str(self.encoder[token]): {"content": token, "lstrip": False, "normalized": normalized,
+                                              "rstrip": False, "single_word": False, "special": not normalized}
+                   for token, normalized in sorted(added.items(), key=lambda item: self.encoder[item[0]])}
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, "do_lower_case": True,
+                  "errors": "replace", **special, "added_tokens_decoder": decoder}
+        files = {"vocab.json": vocab, "tokenizer_config.json": config, "special_tokens_map.json": special}
+        for name, value in files.items():
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                json.dump(value, f, ensure_ascii=False, indent=None if name == "vocab.json" else 2)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in self.merges))
+
     @property
     def vocab_size(self):
         """Number of ids, the text encoder's embedding rows."""

@@ -12,6 +12,7 @@ Example (from the command line, without TensorFlow or PyTorch):
     python -m weights_conversion v1-5-pruned-emaonly.safetensors converted/
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -122,14 +123,7 @@ def convert_source(path, lazy=False):
 
 def save_converted(converted, output_dir):
     """Writes a converted folder atomically: a temporary sibling, renamed into place when complete."""
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and os.listdir(output_dir):
-        raise FileExistsError(f"Output folder {output_dir!r} exists and is not empty.")
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
-    try:
+    with staged_folder(output_dir) as staging:
         total = sum(array.nbytes for network in NETWORKS for array in converted.weights[network].values())
         with progress.bar("writing", total) as advance:
             for network in NETWORKS:
@@ -146,13 +140,32 @@ def save_converted(converted, output_dir):
         manifest = {"format_version": FORMAT_VERSION, "source": converted.source}
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
+    return os.path.abspath(output_dir)
+
+
+@contextlib.contextmanager
+def staged_folder(output_dir):
+    """A temporary sibling of ``output_dir`` to write into, renamed to ``output_dir`` when the block completes and
+    removed if it fails, so that ``output_dir`` is never seen half-written.
+
+    Raises:
+        FileExistsError: ``output_dir`` exists and is not an empty folder.
+    """
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise FileExistsError(f"Output folder {output_dir!r} exists and is not empty.")
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".converting-", dir=parent)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
+    try:
+        yield staging
         if os.path.exists(output_dir):
             os.rmdir(output_dir)
         os.rename(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return output_dir
 
 
 def write_safetensors(path, arrays, advance=lambda n: None, metadata=None):

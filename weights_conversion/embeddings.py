@@ -1,4 +1,5 @@
-"""Textual-inversion embedding files -> the token they name and their vectors, as numpy arrays.
+"""Textual-inversion embedding files <-> the token they name and their vectors, as numpy arrays (written by
+`write_textual_inversion`, at the end).
 
 Forms read:
 
@@ -27,6 +28,7 @@ import os
 import numpy as np
 
 from weights_conversion import readers
+from weights_conversion.convert import write_safetensors
 from weights_conversion.errors import CheckpointError
 
 
@@ -145,8 +147,6 @@ def write_textual_inversion(path, embedding, format="a1111"):
     >>> write_textual_inversion("out/", TextualInversion("my-style", vectors), "a1111")   # doctest: +SKIP
     'out/my-style.safetensors'
     """
-    from weights_conversion.convert import write_safetensors
-
     if format not in EMBEDDING_FORMATS:
         raise ValueError(f"Unknown embedding format {format!r}; expected one of {', '.join(EMBEDDING_FORMATS)}")
     token = embedding.token

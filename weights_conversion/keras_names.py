@@ -205,7 +205,7 @@ _CONV_PROJECTIONS = re.compile(r"_proj_(in|out)$")
 _TORCH_LEAVES = {"kernel": "weight", "embeddings": "weight", "gamma": "weight", "bias": "bias", "beta": "bias"}
 
 
-def _expand(template, count):
+def expand_indices(template, count):
     """Every name a template stands for, its ``{i}``, ``{j}``, ``{k}`` each taking 0 .. count-1."""
     fields = sorted(set(re.findall(r"\{([ijk])\}", template)))
     names = []
@@ -233,7 +233,7 @@ def torch_modules(network, layers):
     count = 1 + max((int(n) for layer in layers for n in re.findall(r"\d+", layer)), default=0)
     found = {}
     for template in templates:
-        for module in _expand(template, count):
+        for module in expand_indices(template, count):
             layer = rename_module(module, rules)
             if layer in layers:
                 found[layer] = module

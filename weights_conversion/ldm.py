@@ -263,6 +263,51 @@ def unet_block_map(keys):
     return {**_down_block_map(kinds), **_mid_block_map(kinds), **_up_block_map(kinds)}
 
 
+def _level_indices(paths, pattern):
+    return sorted({int(m.group(1)) for p in paths if (m := re.match(pattern, p))})
+
+
+def unet_block_layout(unet_paths):
+    """LDM's UNet submodules -> (diffusers module, kind), numbered the way LDM numbers them (`unet_block_map`
+    reads the same numbering from an LDM checkpoint's keys), from our UNet's variable paths.
+
+    ``input_blocks.0.0`` is the input convolution; then each down level's layers (a resnet at ``.0``, its
+    attention at ``.1``), each level closed by its downsampler; ``middle_block.0..2``; then the up levels,
+    deepest first, the upsampler after the level's last layer (``.2`` after an attention, else ``.1``).
+
+    Example:
+
+    >>> unet_block_layout(["down0_res0_conv1/kernel", "down0_attn0_proj_in/kernel"])["input_blocks.1.1"]
+    ('down_blocks.0.attentions.0', 'attention')
+    """
+    has = lambda prefix: any(p.startswith(prefix) for p in unet_paths)  # noqa: E731
+    blocks, n = {}, 1
+    for level in _level_indices(unet_paths, r"down(\d+)_res"):
+        for layer in _level_indices(unet_paths, rf"down{level}_res(\d+)_"):
+            blocks[f"input_blocks.{n}.0"] = (f"down_blocks.{level}.resnets.{layer}", "resnet")
+            if has(f"down{level}_attn{layer}_"):
+                blocks[f"input_blocks.{n}.1"] = (f"down_blocks.{level}.attentions.{layer}", "attention")
+            n += 1
+        if has(f"down{level}_downsample/"):
+            blocks[f"input_blocks.{n}.0"] = (f"down_blocks.{level}.downsamplers.0", "downsample")
+            n += 1
+    blocks["middle_block.0"] = ("mid_block.resnets.0", "resnet")
+    blocks["middle_block.1"] = ("mid_block.attentions.0", "attention")
+    blocks["middle_block.2"] = ("mid_block.resnets.1", "resnet")
+    n = 0
+    for level in _level_indices(unet_paths, r"up(\d+)_res"):
+        layers = _level_indices(unet_paths, rf"up{level}_res(\d+)_")
+        for layer in layers:
+            blocks[f"output_blocks.{n}.0"] = (f"up_blocks.{level}.resnets.{layer}", "resnet")
+            attention = has(f"up{level}_attn{layer}_")
+            if attention:
+                blocks[f"output_blocks.{n}.1"] = (f"up_blocks.{level}.attentions.{layer}", "attention")
+            if layer == layers[-1] and has(f"up{level}_upsample/"):
+                blocks[f"output_blocks.{n}.{2 if attention else 1}"] = (f"up_blocks.{level}.upsamplers.0", "upsample")
+            n += 1
+    return blocks
+
+
 def _submodule_part(kind, part):
     """A parameter's path inside a resnet / attention / resampler, in diffusers' names, or None."""
     module, _, leaf = part.rpartition(".")
@@ -413,3 +458,150 @@ def _convert_open_clip(state_dict):
             rejected.append(key)
         converted.update(params)
     return converted, rejected
+
+
+# ------------------------------------------------------------------------------------------- the reverse
+# diffusers / transformers state dicts -> one original checkpoint. Each network's names are the forward
+# renaming's turned round: the UNet's blocks by `unet_block_layout`, the VAE's by running `_vae_key` over
+# every name LDM's VAE can have, the text encoders' by inverting their tables; `join_ldm_checkpoint` then
+# checks the result by splitting it again.
+
+_LDM_RESNET = ("norm1", "conv1", "norm2", "conv2", "nin_shortcut")
+_LDM_VAE_MODULES = (
+    "quant_conv", "post_quant_conv",
+    *(f"{side}.{part}" for side in ("encoder", "decoder") for part in (
+        "conv_in", "norm_out", "conv_out", "mid.attn_1.norm", "mid.attn_1.q", "mid.attn_1.k", "mid.attn_1.v",
+        "mid.attn_1.proj_out", *(f"mid.block_{n}.{p}" for n in (1, 2) for p in _LDM_RESNET))),
+    *(f"encoder.down.{{i}}.block.{{j}}.{p}" for p in _LDM_RESNET), "encoder.down.{i}.downsample.conv",
+    *(f"decoder.up.{{i}}.block.{{j}}.{p}" for p in _LDM_RESNET), "decoder.up.{i}.upsample.conv",
+)
+
+
+def linear_to_conv1x1(weight):
+    """A linear layer's ``[out, in]`` weight as a 1x1 convolution's ``[out, in, 1, 1]``: `conv1x1_to_linear`'s reverse."""
+    return weight.reshape(*weight.shape, 1, 1) if weight.ndim == 2 else weight
+
+
+def join_ldm_checkpoint(parts, open_clip=False):
+    """Three diffusers-style state dicts as one original Stable Diffusion checkpoint: `split_ldm_checkpoint`'s reverse.
+
+    Args:
+        parts: ``{"unet": ..., "vae": ..., "text_encoder": ...}`` keyed like diffusers' ``UNet2DConditionModel``
+            and ``AutoencoderKL`` and transformers' ``CLIPTextModel`` (``text_model.*``).
+        open_clip: write the text encoder as SD 2.x's OpenCLIP tower (``cond_stage_model.model.*``, fused
+            ``in_proj``), with a last block of zeros standing for the one SD 2.x never runs (it conditions on
+            the penultimate layer; every reader, ours and diffusers' included, drops the last block).
+
+    Returns:
+        ``{LDM name: array}``.
+
+    Raises:
+        CheckpointError: a tensor with no LDM name, or a result that does not split back into ``parts``.
+    """
+    text = _open_clip_from_clip if open_clip else _clip_to_ldm
+    checkpoint = {**_prefixed(UNET_PREFIX, _unet_to_ldm(parts["unet"])),
+                  **_prefixed(VAE_PREFIX, _vae_to_ldm(parts["vae"])),
+                  **_prefixed(OPEN_CLIP_PREFIX if open_clip else CLIP_PREFIX, text(parts["text_encoder"]))}
+    back = split_ldm_checkpoint(checkpoint)
+    for network, state_dict in parts.items():
+        if back[network].keys() != state_dict.keys():
+            different = sorted(back[network].keys() ^ state_dict.keys())
+            raise CheckpointError(f"{network}: the LDM names do not convert back: {', '.join(different[:_MAX_LISTED])}")
+    return checkpoint
+
+
+def _prefixed(prefix, state_dict):
+    return {prefix + key: value for key, value in state_dict.items()}
+
+
+def _reverse_keys(state_dict, reverse_module, network):
+    """Renames every ``module.leaf`` key by ``reverse_module(module)``; strict."""
+    renamed, unknown = {}, []
+    for key, value in state_dict.items():
+        module, _, leaf = key.rpartition(".")
+        new = reverse_module(module)
+        if new is None:
+            unknown.append(key)
+        else:
+            renamed[f"{new}.{leaf}"] = value
+    if unknown:
+        raise CheckpointError(f"{network}: no LDM name for {', '.join(sorted(unknown)[:_MAX_LISTED])}")
+    return renamed
+
+
+def _unet_to_ldm(state_dict):
+    from weights_conversion import keras_names
+
+    modules = {key.rpartition(".")[0] for key in state_dict}
+    paths = [f"{keras_names.rename_module(m, keras_names.UNET_RULES)}/" for m in modules]
+    blocks = {module: (block, kind) for block, (module, kind) in unet_block_layout(paths).items()}
+    top = {name: ldm_name for ldm_name, name in UNET_TOP.items()}
+    resnet = {name: ldm_name for ldm_name, name in RESNET_PARTS.items()}
+    parts = {"resnet": resnet.get, "attention": lambda part: part, "downsample": {"conv": "op"}.get,
+             "upsample": {"conv": "conv"}.get}
+
+    def reverse(module):
+        if module in top:
+            return top[module]
+        block = next((b for b in blocks if module.startswith(b + ".")), None)
+        if block is None:
+            return None
+        ldm_block, kind = blocks[block]
+        part = parts[kind](module[len(block) + 1 :])
+        return part and f"{ldm_block}.{part}"
+
+    return _reverse_keys(state_dict, reverse, "unet")
+
+
+def _vae_to_ldm(state_dict):
+    from weights_conversion import keras_names
+
+    num_levels = len({m.group(1) for k in state_dict if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))})
+    count = 1 + max((int(n) for key in state_dict for n in re.findall(r"\.(\d+)\.", key)), default=0)
+    modules = {}
+    for template in _LDM_VAE_MODULES:
+        for ldm_module in keras_names.expand_indices(template, count):
+            key = _vae_key(f"{ldm_module}.weight", num_levels)
+            if key is not None:
+                modules[key.rpartition(".")[0]] = ldm_module
+    renamed = _reverse_keys(state_dict, modules.get, "vae")
+    return {key: linear_to_conv1x1(value) if ".mid.attn_1." in key and key.endswith(".weight") and
+            not key.endswith(".norm.weight") else value for key, value in renamed.items()}
+
+
+def _clip_to_ldm(state_dict):
+    """SD 1.x: transformers' names as they are (``text_model.*``)."""
+    return dict(state_dict)
+
+
+def _open_clip_from_clip(state_dict):
+    """SD 2.x: transformers ``CLIPTextModel`` keys -> the OpenCLIP tower's, q, k, v fused into ``in_proj``."""
+    top = {name: open_clip for open_clip, name in _OPEN_CLIP_TOP.items()}
+    layer_parts = {name: open_clip for open_clip, name in _OPEN_CLIP_LAYER.items()}
+    converted, projections, unknown = {}, {}, []
+    for key, value in state_dict.items():
+        match = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if key in top:
+            converted[top[key]] = value
+        elif match and re.fullmatch(r"self_attn\.(q|k|v)_proj", match.group(2)):
+            projections.setdefault((match.group(1), match.group(3)), {})[match.group(2)[10]] = value
+        elif match and match.group(2) in layer_parts:
+            converted[f"transformer.resblocks.{match.group(1)}.{layer_parts[match.group(2)]}.{match.group(3)}"] = value
+        else:
+            unknown.append(key)
+    for (layer, leaf), qkv in projections.items():
+        if qkv.keys() != set("qkv"):
+            unknown.append(f"text_model.encoder.layers.{layer}.self_attn.*_proj.{leaf}")
+            continue
+        converted[f"transformer.resblocks.{layer}.attn.in_proj_{leaf}"] = np.concatenate([qkv[n] for n in "qkv"])
+    if unknown:
+        raise CheckpointError(f"text_encoder: no OpenCLIP name for {', '.join(sorted(unknown)[:_MAX_LISTED])}")
+    return {**converted, **_unused_last_block(converted)}
+
+
+def _unused_last_block(converted):
+    """Zeros shaped as the tower's last block, after the blocks we have."""
+    last = max(int(m.group(1)) for k in converted if (m := _RESBLOCK.fullmatch(k)))
+    prefix = f"transformer.resblocks.{last}."
+    return {f"transformer.resblocks.{last + 1}.{key[len(prefix):]}": np.zeros_like(value)
+            for key, value in converted.items() if key.startswith(prefix)}

@@ -1,4 +1,4 @@
-"""LoRA files -> low-rank updates of our weights, as pure functions over numpy arrays.
+"""LoRA files <-> low-rank updates of our weights, as pure functions over numpy arrays (`write_lora` at the end).
 
 Two families of files, told apart by their key names:
 
@@ -43,6 +43,7 @@ import re
 import numpy as np
 
 from weights_conversion import keras_names, ldm, readers
+from weights_conversion.convert import write_safetensors
 from weights_conversion.errors import CheckpointError
 
 NETWORKS = ("unet", "text_encoder")
@@ -263,49 +264,16 @@ def _ldm_to_diffusers(module, ldm_blocks):
     return None if part is None else f"{block}_{part}"
 
 
-def _level_indices(paths, pattern):
-    return sorted({int(m.group(1)) for p in paths if (m := re.match(pattern, p))})
-
-
 def ldm_unet_blocks(unet_paths):
-    """LDM's UNet submodules, ``_``-joined, -> (diffusers module, ``_``-joined, and its kind), numbered the way
-    LDM numbers them (``ldm.unet_block_map`` reads the same numbering the other way), from our UNet's levels.
-
-    ``input_blocks_0_0`` is the input convolution; then each down level's layers (a resnet at ``_0``, its
-    attention at ``_1``), each level closed by its downsampler; ``middle_block_0..2``; then the up levels,
-    deepest first, the upsampler after the level's last layer (``_2`` after an attention, else ``_1``).
+    """`ldm.unet_block_layout` with ``_``-joined names, as kohya files name modules.
 
     Example:
 
     >>> ldm_unet_blocks(["down0_res0_conv1/kernel", "down0_attn0_proj_in/kernel"])["input_blocks_1_1"]
     ('down_blocks_0_attentions_0', 'attention')
     """
-    has = lambda prefix: any(p.startswith(prefix) for p in unet_paths)  # noqa: E731
-    blocks, n = {}, 1
-    for level in _level_indices(unet_paths, r"down(\d+)_res"):
-        for layer in _level_indices(unet_paths, rf"down{level}_res(\d+)_"):
-            blocks[f"input_blocks_{n}_0"] = (f"down_blocks_{level}_resnets_{layer}", "resnet")
-            if has(f"down{level}_attn{layer}_"):
-                blocks[f"input_blocks_{n}_1"] = (f"down_blocks_{level}_attentions_{layer}", "attention")
-            n += 1
-        if has(f"down{level}_downsample/"):
-            blocks[f"input_blocks_{n}_0"] = (f"down_blocks_{level}_downsamplers_0", "downsample")
-            n += 1
-    blocks["middle_block_0"] = ("mid_block_resnets_0", "resnet")
-    blocks["middle_block_1"] = ("mid_block_attentions_0", "attention")
-    blocks["middle_block_2"] = ("mid_block_resnets_1", "resnet")
-    n = 0
-    for level in _level_indices(unet_paths, r"up(\d+)_res"):
-        layers = _level_indices(unet_paths, rf"up{level}_res(\d+)_")
-        for layer in layers:
-            blocks[f"output_blocks_{n}_0"] = (f"up_blocks_{level}_resnets_{layer}", "resnet")
-            attention = has(f"up{level}_attn{layer}_")
-            if attention:
-                blocks[f"output_blocks_{n}_1"] = (f"up_blocks_{level}_attentions_{layer}", "attention")
-            if layer == layers[-1] and has(f"up{level}_upsample/"):
-                blocks[f"output_blocks_{n}_{2 if attention else 1}"] = (f"up_blocks_{level}_upsamplers_0", "upsample")
-            n += 1
-    return blocks
+    return {block.replace(".", "_"): (module.replace(".", "_"), kind)
+            for block, (module, kind) in ldm.unet_block_layout(unet_paths).items()}
 
 
 # ------------------------------------------------------------------------------------------------ factors
@@ -528,8 +496,6 @@ def write_lora(path, updates, format="diffusers"):
 
     >>> write_lora("style.safetensors", {"unet": unet_updates}, format="kohya")   # doctest: +SKIP
     """
-    from weights_conversion.convert import write_safetensors  # convert reads LoRA-free sources; no cycle at import
-
     state_dict, metadata = lora_state_dict(updates, format)
     if not state_dict:
         raise ValueError("No LoRA updates to write")
