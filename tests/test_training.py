@@ -227,6 +227,15 @@ def test_training_on_a_few_images_lowers_the_loss(reference, tmp_path):
     after = evaluation_loss(trainer, images, token_ids)
     assert np.isfinite(history.history["loss"]).all()
     assert after < 0.85 * before, (before, after)
+    # the fine-tuned model, exported, is what diffusers loads
+    from diffusers import UNet2DConditionModel
+
+    trainer.save(tmp_path / "model", format="diffusers")
+    latents, timesteps, context = unet_inputs()
+    with torch.no_grad():
+        unet = UNet2DConditionModel.from_pretrained(tmp_path / "model" / "unet")
+        theirs = R.nhwc(unet(R.nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample)
+    assert R.relative_error(np.asarray(fresh.diffusion_model([latents, timesteps, context])), theirs) < 1e-5
 
 
 def test_textual_inversion_changes_only_the_new_rows(parts):
