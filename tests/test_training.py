@@ -213,9 +213,17 @@ def evaluation_loss(trainer, images, token_ids):
     return float(np.mean(trainer.diffusion_loss(latents, context, timesteps, noise)))
 
 
-def test_training_on_a_few_images_lowers_the_loss(reference, tmp_path):
-    fresh = load_components(reference[1], precision="float32", cache=False, progress=False)  # trained in place
-    trainer = Trainer(fresh, method="full", seed=0)
+def test_training_on_a_few_images_lowers_the_loss(parts, tmp_path):
+    before_training = {v.path: np.array(v.numpy()) for v in parts.diffusion_model.weights}
+    try:
+        trained_and_exported(parts, tmp_path)
+    finally:
+        for v in parts.diffusion_model.weights:  # the module's other tests need the weights as loaded
+            v.assign(before_training[v.path])
+
+
+def trained_and_exported(parts, tmp_path):
+    trainer = Trainer(parts, method="full", seed=0)
     data = image_caption_dataset(write_images(tmp_path / "images"), resolution=32, batch_size=2,
                                  tokenizer=trainer.tokenizer, repeat=True)
     batch = next(iter(image_caption_dataset(tmp_path / "images", resolution=32, batch_size=4, random_flip=False,
@@ -235,7 +243,7 @@ def test_training_on_a_few_images_lowers_the_loss(reference, tmp_path):
     with torch.no_grad():
         unet = UNet2DConditionModel.from_pretrained(tmp_path / "model" / "unet")
         theirs = R.nhwc(unet(R.nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample)
-    assert R.relative_error(np.asarray(fresh.diffusion_model([latents, timesteps, context])), theirs) < 1e-5
+    assert R.relative_error(np.asarray(parts.diffusion_model([latents, timesteps, context])), theirs) < 1e-5
 
 
 def test_textual_inversion_changes_only_the_new_rows(parts):
@@ -298,6 +306,18 @@ def test_dataset_layouts_and_errors(tmp_path):
         image_caption_dataset(hf, resolution=32)
     with pytest.raises(ValueError, match="multiple of 8"):
         image_caption_dataset(hf, resolution=30)
+
+
+def test_cached_latents(parts, tmp_path):
+    trainer = Trainer(parts, method="lora")
+    images = image_caption_dataset(write_images(tmp_path / "c", count=2), resolution=32, batch_size=2, shuffle=False,
+                                   random_flip=False, tokenizer=trainer.tokenizer)
+    batch = next(iter(images))
+    cached = next(iter(trainer.cache_latents(images, shuffle=False)))
+    assert sorted(cached) == ["moments", "token_ids"]
+    np.testing.assert_allclose(cached["moments"], parts.image_encoder(batch["images"]), rtol=1e-5, atol=1e-6)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1), run_eagerly=True)
+    assert np.isfinite(trainer.train_on_batch(cached))
 
 
 def test_prior_preservation_batches(tmp_path):

@@ -242,6 +242,37 @@ class Trainer(keras.Model):
         noise = keras.random.normal((*shape[:-1], shape[-1] // 2), seed=self.seed_generator)
         return ops.stop_gradient(sample_posterior(moments, noise, self.scaling_factor))
 
+    def cache_latents(self, dataset, shuffle=True, seed=0):
+        """A finite dataset's batches with the image encoder's ``"moments"`` in place of ``"images"``, encoded once.
+
+        The step then samples latents from the cached posterior, so each epoch skips the encoder (diffusers'
+        ``--cache_latents``); a random flip or crop is fixed at caching time.
+
+        Returns:
+            A `tf.data.Dataset` of the same batch size, in a new order every epoch when ``shuffle``.
+
+        Example:
+
+        >>> photos = training.image_caption_dataset("photos/", tokenizer=trainer.tokenizer)  # doctest: +SKIP
+        >>> trainer.fit(trainer.cache_latents(photos), epochs=100)
+        """
+        import tensorflow as tf
+
+        columns, batch_size = {}, None
+        for batch in dataset:
+            batch = dict(batch)
+            batch["moments"] = self.image_encoder(batch.pop("images"), training=False)
+            for key, value in batch.items():
+                columns.setdefault(key, []).append(np.asarray(ops.convert_to_numpy(value)))
+            batch_size = batch_size or len(columns["moments"][0])
+        if batch_size is None:
+            raise ValueError("cache_latents needs a dataset with at least one batch (and a finite one)")
+        arrays = {key: np.concatenate(parts) for key, parts in columns.items()}
+        data = tf.data.Dataset.from_tensor_slices(arrays)
+        if shuffle:
+            data = data.shuffle(len(arrays["moments"]), seed=seed, reshuffle_each_iteration=True)
+        return data.batch(batch_size, drop_remainder=True)
+
     def _draws(self, batch, shape):
         """The batch's timesteps and noise: given in the batch, or drawn."""
         if "noise" in batch:
