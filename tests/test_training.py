@@ -416,7 +416,7 @@ def test_cli_resume_gives_the_uninterrupted_result(reference, tmp_path, monkeypa
     monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "kd-cache"))
     data = write_images(tmp_path / "images", count=3)
     common = ["train", "lora", "--model", str(reference[1]), "--data", str(data), "--resolution", "16",
-              "--batch-size", "2", "--learning-rate", "1e-2", "--checkpoint-every", "2", "--precision", "float32",
+              "--batch-size", "1", "--learning-rate", "1e-2", "--checkpoint-every", "2", "--precision", "float32",
               "--eager", "--quiet", "--seed", "3"]
     assert main([*common, "--out", str(tmp_path / "straight"), "--steps", "4"]) == 0
     assert main([*common, "--out", str(tmp_path / "resumed"), "--steps", "2"]) == 0
