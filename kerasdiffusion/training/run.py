@@ -104,9 +104,14 @@ def _state(trainer):
 def save_checkpoint(trainer, path, step, settings_json=""):
     """Writes the trainer's trainable, random-number and optimizer state at ``step``, atomically."""
     state = _state(trainer)
-    arrays = {name: np.asarray(ops.convert_to_numpy(v)) for name, v in state.items()}
+    arrays = {name: _storable(np.asarray(ops.convert_to_numpy(v))) for name, v in state.items()}
     names = {name: v.name for name, v in state.items()}
     write_safetensors(path, arrays, metadata={"step": str(step), "names": json.dumps(names), "settings": settings_json})
+
+
+def _storable(array):
+    """Unsigned integers (JAX's random-number state) as int64, which safetensors stores; assigned back by dtype."""
+    return array.astype(np.int64) if array.dtype.kind == "u" else array
 
 
 def read_checkpoint_header(path):
@@ -133,7 +138,7 @@ def restore_checkpoint(trainer, path):
                                              for n, v in state.items()):
         raise ValueError(f"The checkpoint {path} is of another trainer: its variables differ from this run's")
     for name, variable in state.items():
-        variable.assign(arrays[name])
+        variable.assign(arrays[name].astype(variable.dtype))
     return int(header["step"])
 
 
