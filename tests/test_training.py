@@ -96,7 +96,7 @@ def torch_step(unet, parameters, pipeline, batch, lr):
                           batch["noise"], "epsilon")
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def keras_step(trainer, batch, lr):
