@@ -256,6 +256,9 @@ def train(settings, components=None, log=print):
     trainer = make_trainer(settings, components)
     trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate(settings), weight_decay=1e-2),
                     jit_compile=settings.jit_compile and not settings.eager, run_eagerly=settings.eager)
+    # Built here in every run, fresh or resumed, so that `fit` starts the same way in both: on JAX, an unbuilt
+    # optimizer makes `fit` take a batch from the data to build the step, which a resumed run would not.
+    trainer.optimizer.build(trainer.trainable_variables)
     first_step = restore_checkpoint(trainer, resume_from) if resume_from else 0
     data = make_dataset(settings, trainer.tokenizer).skip(first_step)
     callbacks = [CheckpointEvery(checkpoint_path(settings), settings.checkpoint_every, first_step, settings.steps,
