@@ -120,6 +120,7 @@ def build_parser():
     _add_generate(commands)
     _add_batch(commands)
     _add_convert(commands)
+    _add_train(commands)
     _add_export(commands)
     return parser
 
@@ -254,6 +255,78 @@ def _add_convert(commands):
     _add_revision(convert)
     _add_quiet(convert)
     convert.set_defaults(run=run_convert)
+
+
+TRAIN_EXAMPLES = """\
+examples:
+  # a LoRA of rank 8 from images with same-name .txt captions (or a metadata.jsonl), as a kohya file
+  kerasdiffusion train lora --model ./sd15 --data ./photos --out ./run --rank 8 --steps 2000 --format kohya
+
+  # a textual-inversion token, then continue the same run to 3000 steps
+  kerasdiffusion train textual-inversion --model ./sd15 --data ./cat --out ./cat-run --token "<my-cat>" \\
+      --initializer-token cat --prompt "a photo of <my-cat>"
+  kerasdiffusion train textual-inversion --model ./sd15 --data ./cat --out ./cat-run --token "<my-cat>" \\
+      --initializer-token cat --prompt "a photo of <my-cat>" --steps 3000 --resume
+
+  # DreamBooth with prior preservation, the result as one original-format .safetensors
+  kerasdiffusion train dreambooth --model ./sd15 --data ./dog --prompt "a photo of sks dog" \\
+      --class-data ./dogs --class-prompt "a photo of dog" --out ./db --format single-file
+"""
+TRAIN_METHODS = {"full": "full", "lora": "lora", "textual-inversion": "textual_inversion", "dreambooth": "dreambooth"}
+
+
+def _add_train(commands):
+    train = commands.add_parser(
+        "train", help="fine-tune a model on images and captions: full, LoRA, textual inversion or DreamBooth",
+        description="Fine-tune a model on a folder of images with captions (kohya: same-name .txt files; Hugging\n"
+        "Face imagefolder: metadata.jsonl with file_name and text). A checkpoint is written into OUT every\n"
+        "--checkpoint-every steps; --resume continues from it to the result of an uninterrupted run. The\n"
+        "result goes into OUT: a LoRA, an embedding, or a whole model.",
+        epilog=TRAIN_EXAMPLES, formatter_class=_Formatter,
+    )
+    train.add_argument("method", choices=list(TRAIN_METHODS), help="what to train")
+    train.add_argument("--model", "-m", metavar="SOURCE", default=sources.DEFAULT_MODEL,
+                       help="the model to fine-tune, any source `generate` takes (default: %(default)s)")
+    train.add_argument("--data", required=True, metavar="DIR", help="the images and their captions")
+    train.add_argument("--out", required=True, metavar="DIR", help="the run's folder: checkpoint and result")
+    train.add_argument("--resolution", type=int, default=512, metavar="R",
+                       help="train on R x R crops, a multiple of 8 (default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=1, metavar="B", help="(default: %(default)s)")
+    train.add_argument("--steps", type=int, default=1000, metavar="N", help="optimizer steps (default: %(default)s)")
+    train.add_argument("--learning-rate", "--lr", type=float, default=1e-4, metavar="LR",
+                       help="AdamW's learning rate (default: %(default)s)")
+    train.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                       help="after the warm-up (default: %(default)s)")
+    train.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="(default: %(default)s)")
+    train.add_argument("--rank", type=int, default=4, metavar="R", help="LoRA rank (default: %(default)s)")
+    train.add_argument("--alpha", type=float, default=None, metavar="A", help="LoRA alpha (default: the rank)")
+    train.add_argument("--token", metavar="T", default=None, help="textual inversion: the new word, e.g. '<my-cat>'")
+    train.add_argument("--initializer-token", metavar="WORD", default="*",
+                       help="textual inversion: the word the new vectors start from (default: %(default)s)")
+    train.add_argument("--num-vectors", type=int, default=1, metavar="N",
+                       help="textual inversion: vectors per token (default: %(default)s)")
+    train.add_argument("--prompt", metavar="TEXT", default=None,
+                       help="one caption for every image (DreamBooth's instance prompt) instead of the folder's")
+    train.add_argument("--class-data", metavar="DIR", default=None, help="DreamBooth: the class images")
+    train.add_argument("--class-prompt", metavar="TEXT", default=None, help="DreamBooth: the class images' caption")
+    train.add_argument("--prior-loss-weight", type=float, default=1.0, metavar="W", help="(default: %(default)s)")
+    train.add_argument("--train-text-encoder", action="store_true", help="also train the text encoder")
+    train.add_argument("--snr-gamma", type=float, default=None, metavar="G",
+                       help="min-SNR-gamma loss weighting, e.g. 5 (default: none)")
+    train.add_argument("--noise-offset", type=float, default=0.0, metavar="X", help="(default: %(default)s)")
+    train.add_argument("--format", default=None,
+                       help="LoRA: diffusers (default) or kohya; textual inversion: a1111 (default) or diffusers; "
+                       "full and DreamBooth: diffusers (default, a folder) or single-file")
+    train.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="default: mixed_float16 on GPU, mixed_bfloat16 on TPU, float32 on CPU")
+    train.add_argument("--seed", type=int, default=0, metavar="S", help="(default: %(default)s)")
+    train.add_argument("--checkpoint-every", type=int, default=500, metavar="N", help="(default: %(default)s)")
+    train.add_argument("--resume", action="store_true", help="continue the run in OUT from its checkpoint")
+    train.add_argument("--no-xla", action="store_true", help="do not compile the training step with XLA")
+    train.add_argument("--eager", action="store_true",
+                       help="run the step op by op (no compilation: for debugging, or a few steps of a tiny model)")
+    _add_quiet(train)
+    train.set_defaults(run=run_train)
 
 
 def _add_export(commands):
@@ -553,6 +626,24 @@ def run_convert(args):
     with conversion_progress.shown(not args.quiet):
         save_converted(converted, args.output_dir)
     _printer(args.quiet)(f"Converted {args.source} -> {args.output_dir} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def run_train(args):
+    from kerasdiffusion.training.run import RunSettings, train
+
+    settings = RunSettings(
+        method=TRAIN_METHODS[args.method], model=args.model, data=args.data, out=args.out, resolution=args.resolution,
+        batch_size=args.batch_size, steps=args.steps, learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps, rank=args.rank, alpha=args.alpha, token=args.token,
+        initializer_token=args.initializer_token, num_vectors=args.num_vectors, prompt=args.prompt,
+        class_data=args.class_data, class_prompt=args.class_prompt, prior_loss_weight=args.prior_loss_weight,
+        train_text_encoder=args.train_text_encoder, snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
+        format=args.format, precision=args.precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        jit_compile=not args.no_xla, eager=args.eager, resume=args.resume, quiet=args.quiet,
+    )
+    result = train(settings, log=_printer(args.quiet))
+    _printer(args.quiet)(f"Wrote {result}")
     return 0
 
 
