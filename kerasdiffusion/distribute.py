@@ -79,6 +79,18 @@ def replica_count(distribution):
     return int(distribution.device_mesh.devices.size)
 
 
+def per_replica_mean(loss):
+    """A loss averaged over one replica's slice of the batch, scaled so that the replicas' gradients, which
+    a `tf.distribute` strategy sums, add up to the gradient of the mean over the global batch (Keras' own
+    losses scale the same way). On JAX, and outside a strategy, the loss is already the global mean."""
+    if backend.name() != "tensorflow":
+        return loss
+    import tensorflow as tf
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss if replicas == 1 else loss / replicas
+
+
 def scope(distribution):
     """The context in which networks are built so that their variables live as ``distribution`` wants."""
     return contextlib.nullcontext() if distribution is None else distribution.scope()

@@ -9,6 +9,9 @@ LoRA's step is peft's (``LoraConfig`` on the diffusers UNet, its factors set to 
 import copy
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -173,6 +176,21 @@ def test_lora_step_matches_peft(reference, parts, record_property):
     assert errors["factors"] < 1e-5
     assert errors["updates"] < 1e-3
     assert len(trainer.trainable_variables) == 2 * len(modules)  # frozen kernels: no optimizer slots
+
+
+def test_lora_step_under_mirrored_strategy_equals_one_device(reference, record_property):
+    """Two logical CPU devices, one item each: the mirrored step equals the one-device step on both items
+    (the per-replica loss is scaled so that the summed gradients are the global mean's)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=root)
+    result = subprocess.run([sys.executable, "-m", "tests.training_distribution_worker", str(reference[1])],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    record_property("mirrored_step", report)
+    assert report["replicas"] == 2 and report["variable_kind"] == "MirroredVariable"
+    assert report["step_size"] > 0 and report["step_relative_difference"] < 1e-4
+    assert report["losses"][1] == pytest.approx(report["losses"][0], rel=1e-5)
 
 
 def flat_factors(factors, modules, before):

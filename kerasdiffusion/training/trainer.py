@@ -40,7 +40,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kerasdiffusion import adapters
+from kerasdiffusion import adapters, distribute
 from kerasdiffusion.components import Components
 from kerasdiffusion.training import lora as lora_lib
 from kerasdiffusion.training.objective import TrainingSchedule, per_item_loss, sample_posterior
@@ -298,16 +298,17 @@ class Trainer(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The mean of the items' losses; with DreamBooth's ``"prior"`` items, the instance mean plus the
-        class mean times ``prior_loss_weight``."""
+        class mean times ``prior_loss_weight``. Under a `tf.distribute` strategy, each replica's share
+        (`distribute.per_replica_mean`), so that a step equals the one-device step on the global batch."""
         if not isinstance(x, dict) or "prior" not in x:
-            return ops.mean(y_pred)
+            return distribute.per_replica_mean(ops.mean(y_pred))
         prior = ops.cast(x["prior"], "float32")
         instance = 1.0 - prior
 
         def mean(weights):
             return ops.sum(y_pred * weights) / ops.maximum(ops.sum(weights), 1.0)
 
-        return mean(instance) + self.prior_loss_weight * mean(prior)
+        return distribute.per_replica_mean(mean(instance) + self.prior_loss_weight * mean(prior))
 
     # ------------------------------------------------------------------------------------ results
 
