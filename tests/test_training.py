@@ -346,6 +346,60 @@ def test_prior_preservation_batches(tmp_path):
     np.testing.assert_array_equal(batch["prior"], [0.0, 1.0])
 
 
+# ------------------------------------------------------------------------------------ callbacks
+
+
+def repeated(batch):
+    """A one-batch epoch, the same batch every epoch (its timesteps and noise given, so the loss is exact)."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensors(batch)
+
+
+def test_early_stopping_and_tensorboard_callbacks(parts, tmp_path):
+    """EarlyStopping on ``loss`` stops a run whose loss does not improve; TensorBoard writes its event files."""
+    trainer = Trainer(parts, method="lora", seed=1)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.0), run_eagerly=True)  # no step: the same loss every epoch
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=1)
+    board = keras.callbacks.TensorBoard(log_dir=str(tmp_path / "logs"), update_freq="epoch")
+    history = trainer.fit(repeated(step_batch(parts)), epochs=6, verbose=0, shuffle=False, callbacks=[stop, board])
+    assert len(history.history["loss"]) == 2 and stop.stopped_epoch == 1, history.history
+    assert history.history["loss"][0] == history.history["loss"][1]
+    events = list((tmp_path / "logs" / "train").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = EventAccumulator(str(tmp_path / "logs" / "train")).Reload()
+    losses = [float(keras.ops.convert_to_numpy(tensor_value(e))) for e in logged.Tensors("epoch_loss")]
+    np.testing.assert_allclose(losses, history.history["loss"], rtol=1e-6)
+
+
+def tensor_value(event):
+    import tensorflow as tf
+
+    return tf.make_ndarray(event.tensor_proto)
+
+
+def test_model_checkpoint_weights_load_into_a_fresh_trainer(parts, tmp_path):
+    """ModelCheckpoint's weights files, loaded into a new Trainer (other initial factors), give the same losses."""
+    batch = step_batch(parts)
+    trainer = Trainer(parts, method="lora", rank=4, seed=1)
+    trainer.compile(optimizer=keras.optimizers.AdamW(1e-2), run_eagerly=True)
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "epoch{epoch}.weights.h5"), save_weights_only=True)
+    history = trainer.fit(repeated(batch), epochs=2, verbose=0, shuffle=False, callbacks=[checkpoint])
+    trained = float(np.mean(trainer(batch)))
+    assert trained != pytest.approx(history.history["loss"][0], rel=1e-4)  # the steps changed the loss
+
+    fresh = Trainer(parts, method="lora", rank=4, seed=7)
+    fresh.load_weights(tmp_path / "epoch2.weights.h5")  # before any call
+    assert float(np.mean(fresh(batch))) == pytest.approx(trained, rel=1e-6)
+    for ours, theirs in zip(fresh.lora_factors, trainer.lora_factors, strict=True):
+        np.testing.assert_array_equal(ours.up.numpy(), theirs.up.numpy())
+        np.testing.assert_array_equal(ours.down.numpy(), theirs.down.numpy())
+    fresh.load_weights(tmp_path / "epoch1.weights.h5")  # after one step: the loss epoch 2 started from
+    assert float(np.mean(fresh(batch))) == pytest.approx(history.history["loss"][1], rel=1e-6)
+
+
 # ------------------------------------------------------------------------------- saved and loaded
 
 

@@ -133,6 +133,8 @@ class Trainer(keras.Model):
         self._freeze(method)
         if method == "lora":
             self._add_lora(rank, rank if alpha is None else alpha, lora_lib.check_targets(targets), seed)
+        # Every variable exists now, so `load_weights` (a `ModelCheckpoint`'s file) works before any call.
+        self.built = True
 
     # ---------------------------------------------------------------------------------------- set-up
 
