@@ -423,6 +423,7 @@ def _problems_message(problems):
 
 LORA_FORMATS = ("diffusers", "kohya")
 # The networks' prefixes in each format (the reader's `_split_key` reads the same ones).
+_TEXT_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
 _WRITE_PREFIXES = {"diffusers": {"unet": "unet.", "text_encoder": "text_encoder."},
                    "kohya": {"unet": "lora_unet_", "text_encoder": "lora_te_"}}
 
@@ -434,6 +435,8 @@ def lora_state_dict(updates, format="diffusers"):
       for the text encoder, and the ``lora_adapter_metadata`` that diffusers' ``save_lora_weights`` writes: per
       network the PEFT ``LoraConfig`` fields ``r``, ``lora_alpha``, ``target_modules`` (every adapted module),
       and ``rank_pattern`` / ``alpha_pattern`` for the modules whose rank or alpha differ from the most common.
+      A text encoder LoRA without attention (the MLP alone) is named ``lora_linear_layer.down`` / ``.up``, the
+      form diffusers reads it in (`_diffusers_reads_peft_names`).
     - ``"kohya"``: ``lora_unet_<module with _ for .>.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``
       (``lora_te_`` for the text encoder), as kohya's sd-scripts write them; a Tucker core as ``.lora_mid.weight``.
 
@@ -471,13 +474,17 @@ def lora_state_dict(updates, format="diffusers"):
         if not network_updates:
             continue
         modules = keras_names.torch_modules(network, [u.path.rsplit("/", 1)[0] for u in network_updates])
+        peft_names = format == "diffusers" and _diffusers_reads_peft_names(network, modules.values())
         ranks, alphas = {}, {}
         for update in network_updates:
             module = modules[update.path.rsplit("/", 1)[0]]
             factors = _torch_factors(update)
             ranks[module], alphas[module] = factors["down"].shape[0], float(update.scale) * factors["down"].shape[0]
             name = _WRITE_PREFIXES[format][network] + (module.replace(".", "_") if format == "kohya" else module)
-            state_dict.update(_named_factors(format, name, factors, alphas[module]))
+            if format == "kohya":
+                state_dict.update(_kohya_factors(name, factors, alphas[module]))
+            else:
+                state_dict.update(_diffusers_factors(name, factors, peft_names))
         configs[network] = _peft_config_fields(_peft_names(ranks), _peft_names(alphas))
     metadata = {}
     if format == "diffusers" and configs:
@@ -519,13 +526,29 @@ def _torch_factors(update):
     return factors
 
 
-def _named_factors(format, name, factors, alpha):
-    if format == "kohya":
-        named = {f"{name}.lora_{factor}.weight": array for factor, array in factors.items()}
-        return {**named, f"{name}.alpha": np.array(alpha, np.float32)}
+def _kohya_factors(name, factors, alpha):
+    named = {f"{name}.lora_{factor}.weight": array for factor, array in factors.items()}
+    return {**named, f"{name}.alpha": np.array(alpha, np.float32)}
+
+
+def _diffusers_factors(name, factors, peft_names):
     if "mid" in factors:
         raise ValueError(f"{name}: a Tucker-core (LyCORIS) LoRA has no diffusers / PEFT form; write it as kohya")
-    return {f"{name}.lora_A.weight": factors["down"], f"{name}.lora_B.weight": factors["up"]}
+    if peft_names:
+        return {f"{name}.lora_A.weight": factors["down"], f"{name}.lora_B.weight": factors["up"]}
+    return {f"{name}.lora_linear_layer.down.weight": factors["down"],
+            f"{name}.lora_linear_layer.up.weight": factors["up"]}
+
+
+def _diffusers_reads_peft_names(network, modules):
+    """Whether diffusers' ``load_lora_weights`` reads this network's factors under PEFT's names (``lora_A``/``B``).
+
+    Its text encoder loader recognises a PEFT file by an attention projection's factors (``q_proj.lora_A``, ...):
+    a text encoder LoRA of the MLP alone (``fc1`` / ``fc2``) it refuses ("Could not automatically infer state dict
+    type"), while it reads the same factors under its own older names, ``lora_linear_layer.down`` / ``.up``.
+    """
+    return network != "text_encoder" or any(m.endswith(_TEXT_ATTENTION) for m in modules)
+
 
 
 def _peft_names(by_module):
