@@ -132,13 +132,53 @@ def test_full_step_matches_pytorch(reference, parts, record_property):
     expected_loss = torch_step(unet, unet.parameters(), pipeline, batch, lr)
     expected = keras_names.convert_unet(R.state_dict_numpy(unet))
     assert ours_loss == pytest.approx(expected_loss, rel=1e-5)
+    errors = step_errors(before, after, expected)
+    record_property("relative_errors", errors)
+    assert errors["weights"] < 1e-5
+    assert errors["updates"] < 1e-3  # the step itself, not only the weights it moved
+
+
+def test_full_step_with_the_text_encoder_matches_pytorch(reference, parts, record_property):
+    """``train_text_encoder=True``: one SGD step of the UNet and the text encoder together, as diffusers'
+    recipe with both in the optimizer (transformers' CLIPTextModel, its context differentiated through)."""
+    pipeline, _ = reference
+    unet, text_encoder = copy.deepcopy(pipeline.unet).train(), copy.deepcopy(pipeline.text_encoder).train()
+    batch, lr = step_batch(parts), 0.5
+    networks = {"unet": parts.diffusion_model, "text_encoder": parts.text_encoder}
+    before = {name: {v.path: np.array(v.numpy()) for v in model.weights} for name, model in networks.items()}
+    trainer = Trainer(parts, method="full", train_text_encoder=True)
+    try:
+        ours_loss = keras_step(trainer, batch, lr)
+        after = {name: {v.path: np.array(v.numpy()) for v in model.weights} for name, model in networks.items()}
+    finally:
+        for name, model in networks.items():  # the module's other tests need the weights as loaded
+            for v in model.weights:
+                v.assign(before[name][v.path])
+
+    optimizer = torch.optim.SGD([*unet.parameters(), *text_encoder.parameters()], lr=lr)
+    context = text_encoder(torch.from_numpy(batch["token_ids"]).long())[0]
+    loss = diffusers_loss(unet, batch["latents"], context, batch["timesteps"], batch["noise"], "epsilon")
+    loss.backward()
+    optimizer.step()
+    expected = {"unet": keras_names.convert_unet(R.state_dict_numpy(unet)),
+                "text_encoder": keras_names.convert_text_encoder(R.state_dict_numpy(text_encoder))}
+    assert ours_loss == pytest.approx(float(loss.detach()), rel=1e-5)
+    errors = {name: step_errors(before[name], after[name], expected[name]) for name in networks}
+    record_property("relative_errors", errors)
+    for name in networks:
+        assert errors[name]["weights"] < 1e-5, name
+        assert errors[name]["updates"] < 1e-3, name
+    moved = np.abs(after["text_encoder"]["token_embedding/embeddings"]
+                   - before["text_encoder"]["token_embedding/embeddings"]).max()
+    assert moved > 1e-6  # the text encoder was trained, not only the UNet
+
+
+def step_errors(before, after, expected):
+    """The largest relative error of a weight after the step, and the relative error of the whole update."""
     weights = max(R.relative_error(after[p], expected[p]) for p in expected)
     updates = R.relative_error(np.concatenate([(after[p] - before[p]).ravel() for p in expected]),
                                np.concatenate([(expected[p] - before[p]).ravel() for p in expected]))
-    record_property("weights_relative_error", weights)
-    record_property("updates_relative_error", updates)
-    assert weights < 1e-5
-    assert updates < 1e-3  # the step itself, not only the weights it moved
+    return {"weights": weights, "updates": updates}
 
 
 def peft_unet(pipeline, rank, alpha, seed, target):
