@@ -35,7 +35,8 @@ def exported(tmp_path_factory, family):
     components = kd.load_components(folder / "source", precision="float32", cache=False, progress=False)
     kd.export(components, folder / "diffusers")
     kd.export(components, folder / "model.safetensors", format="single-file")
-    return dict(pipeline=pipeline, components=components, folder=folder / "diffusers", file=folder / "model.safetensors")
+    return dict(pipeline=pipeline, components=components, source=folder / "source", folder=folder / "diffusers",
+                file=folder / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +151,41 @@ def test_sd2_single_file_holds_an_open_clip_tower(sd2):
     # the block SD 2.x never runs (it reads the penultimate layer) stands as zeros after ours
     assert not checkpoint[f"cond_stage_model.model.transformer.resblocks.{layers}.mlp.c_fc.weight"].any()
     assert f"cond_stage_model.model.transformer.resblocks.{layers + 1}.ln_1.weight" not in checkpoint
+
+
+def test_sd2_single_file_loads_in_diffusers_as_the_source(sd2, record_property):
+    """``from_single_file`` reads the SD 2.x file (OpenCLIP tower, linear projections) into the very tensors it
+    started from, and so our outputs. Offline, diffusers takes the networks' sizes from a diffusers folder's
+    configs (``config=``: the source pipeline's, nothing of ours) instead of the Hub's SD 2 repository; the
+    weights come from the file alone, through diffusers' own converters."""
+    loaded = StableDiffusionPipeline.from_single_file(str(sd2["file"]), config=str(sd2["source"]),
+                                                      local_files_only=True)
+    expected = state_dicts(sd2["pipeline"])
+    for network in ("unet", "vae"):
+        assert_same_tensors(R.state_dict_numpy(getattr(loaded, network)), expected[network], network)
+    assert_same_tensors(without_text_model_prefix(R.state_dict_numpy(loaded.text_encoder)),
+                        without_text_model_prefix(expected["text_encoder"]), "text_encoder")
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+    rng = np.random.default_rng(3)
+    latents = rng.standard_normal((2, 5, 7, 4)).astype("float32")
+    timesteps = np.array([999.0, 3.0], "float32")
+    context = rng.standard_normal((2, 77, R.SD2_TEXT_ENCODER["hidden_size"])).astype("float32")
+    images = rng.uniform(-1, 1, (1, 40, 56, 3)).astype("float32")
+    tokens = rng.integers(0, 49408, (2, 77)).astype("int32")
+    ours = sd2["components"]
+    with torch.no_grad():
+        errors = {
+            "unet": R.relative_error(np.asarray(ours.diffusion_model([latents, timesteps, context])), R.nhwc(
+                loaded.unet(R.nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(context)).sample)),
+            "decoder": R.relative_error(np.asarray(ours.decoder(latents)),
+                                        R.nhwc(loaded.vae.decode(R.nchw(latents)).sample)),
+            "image_encoder": R.relative_error(np.asarray(ours.image_encoder(images)),
+                                              R.nhwc(loaded.vae.quant_conv(loaded.vae.encoder(R.nchw(images))))),
+            "text_encoder": R.relative_error(np.asarray(ours.text_encoder(tokens)), loaded.text_encoder(
+                torch.from_numpy(tokens).long()).last_hidden_state.numpy()),
+        }
+    record_property("relative_errors", errors)
+    assert max(errors.values()) < 1e-4, errors
 
 
 # ------------------------------------------------------------------------------------------------ ours
