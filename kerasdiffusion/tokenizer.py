@@ -188,7 +188,9 @@ class CLIPTokenizer:
 
         Reads `vocab.json` and `merges.txt` (or a `tokenizer.json` alone, as transformers 5 saves it) and
         takes the pad token and the special tokens' flags from `tokenizer_config.json`,
-        `special_tokens_map.json` and `tokenizer.json`, resolving them the way transformers does.
+        `special_tokens_map.json` and `tokenizer.json`, resolving them the way transformers does. An added
+        token followed by added tokens ``token_1``, ``token_2``, ... (a multi-vector textual inversion, as
+        diffusers and `save` write it) expands to all of them in `__call__`, as diffusers' pipelines expand it.
 
         Args:
             path: the folder.
@@ -211,7 +213,8 @@ class CLIPTokenizer:
         for token_id, (token, _) in added.items():
             vocab.setdefault(token, token_id)
         kwargs["pad_token"] = _token_text(named["pad_token"])
-        return cls(vocab, merges, added_tokens=_added_token_flags(added, named), **kwargs)
+        flags = _added_token_flags(added, named)
+        return cls(vocab, merges, added_tokens=flags, expansions=_multi_vector_expansions(vocab, flags), **kwargs)
 
     def save(self, folder):
         """Writes the tokenizer as transformers' ``CLIPTokenizer`` files, which `from_folder` reads back.
@@ -219,7 +222,7 @@ class CLIPTokenizer:
         ``vocab.json`` and ``merges.txt`` hold the BPE vocabulary; ``tokenizer_config.json`` (and
         ``special_tokens_map.json``) the special tokens, the length and every added token with its id, as
         transformers' ``added_tokens_decoder`` (textual-inversion tokens among them: diffusers' pipelines
-        expand a ``token`` followed by ``token_1`` ... to its vectors; `from_folder` keeps them as single tokens).
+        expand a ``token`` followed by ``token_1`` ... to its vectors, and so does `from_folder`).
 
         Example:
         >>> import tempfile
@@ -271,7 +274,7 @@ class CLIPTokenizer:
         if next_id <= max(self.decoder):
             raise ValueError(f"first_id={first_id} is taken: the vocabulary's ids go up to {max(self.decoder)}")
         for token, count in tokens.items():
-            names = [token] + [f"{token}_{i}" for i in range(1, count)]
+            names = [_vector_name(token, i) for i in range(count)]
             for name in names:
                 self._check_new_token(name, vocab)
             ids = list(range(next_id, next_id + count))
@@ -466,6 +469,24 @@ def _resolve_special_tokens(config, token_map, fast, pad_token):
         named["pad_token"] = pad_token
     added = {int(i): (t["content"], _is_normalized(t, special=False)) for i, t in listed}
     return added, named
+
+
+def _vector_name(token, index):
+    """The added token that holds a textual inversion's vector ``index``: diffusers' ``token``, ``token_1``, ..."""
+    return f"{token}_{index}" if index else token
+
+
+def _multi_vector_expansions(vocab, added_tokens):
+    """The expansions of a folder's multi-vector tokens: each added token followed by added tokens ``token_1``,
+    ``token_2``, ... stands for all of them, in that order (diffusers' ``maybe_convert_prompt`` rule)."""
+    expansions = {}
+    for token in added_tokens:
+        names = [token]
+        while _vector_name(token, len(names)) in added_tokens:
+            names.append(_vector_name(token, len(names)))
+        if len(names) > 1:
+            expansions[vocab[token]] = [vocab[name] for name in names]
+    return expansions
 
 
 def _added_token_flags(added, named):

@@ -531,6 +531,34 @@ def test_trained_embedding_loads_in_diffusers_and_here(reference, parts, tmp_pat
     assert max(errors.values()) < 1e-5, errors
 
 
+def test_multi_vector_embedding_round_trips_through_a_diffusers_folder(parts, tmp_path, record_property):
+    """A trained two-vector token, exported with the model as a diffusers folder: diffusers' pipeline (which
+    expands ``<tok>`` to ``<tok> <tok>_1``) and ours, loading the folder back, give the trained contexts."""
+    from diffusers import StableDiffusionPipeline
+
+    from kerasdiffusion import export
+
+    trainer = Trainer(parts, method="textual_inversion", token="<tiny-fox>", initializer_token="fox", num_vectors=2)
+    trainer.compile(optimizer=keras.optimizers.SGD(10.0), run_eagerly=True)
+    trainer.train_on_batch(dict(draws(seed=4), token_ids=trainer.tokenizer(["a <tiny-fox> photo", "<tiny-fox>"])))
+    export(trainer.components, tmp_path / "model")
+    prompts = ["a watercolor <tiny-fox> in the snow", "<tiny-fox>, <tiny-fox>"]
+    trained = np.asarray(trainer.encode_text(trainer.tokenizer(prompts)))
+
+    back = load_components(tmp_path / "model", precision="float32", cache=False, progress=False)
+    ours = np.asarray(back.text_encoder(back.tokenizer(prompts)))
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True)
+    with torch.no_grad():
+        theirs = pipeline.encode_prompt(prompts, "cpu", 1, False)[0].numpy()
+    expected_ids = trainer.tokenizer(prompts)
+    np.testing.assert_array_equal(back.tokenizer(prompts), expected_ids)
+    np.testing.assert_array_equal(pipeline.tokenizer(pipeline.maybe_convert_prompt(prompts, pipeline.tokenizer),
+                                                     padding="max_length", max_length=77).input_ids, expected_ids)
+    errors = {"diffusers": R.relative_error(trained, theirs), "ours": R.relative_error(trained, ours)}
+    record_property("relative_errors", errors)
+    assert max(errors.values()) < 1e-5, errors
+
+
 # ------------------------------------------------------------------------------------ command line
 
 
