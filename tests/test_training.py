@@ -452,6 +452,12 @@ def test_model_checkpoint_weights_load_into_a_fresh_trainer(parts, tmp_path):
         np.testing.assert_array_equal(ours.down.numpy(), theirs.down.numpy())
     fresh.load_weights(tmp_path / "epoch1.weights.h5")  # after one step: the loss epoch 2 started from
     assert float(np.mean(fresh(batch))) == pytest.approx(history.history["loss"][1], rel=1e-6)
+    # a whole-model checkpoint would be a LoRA file under a .keras name: refused, saying what works
+    fresh.compile(optimizer=keras.optimizers.SGD(0.0), run_eagerly=True)
+    with pytest.raises(ValueError, match="save_weights_only=True"):
+        fresh.fit(repeated(batch), epochs=1, verbose=0, callbacks=[keras.callbacks.ModelCheckpoint(
+            str(tmp_path / "model.keras"))])
+    assert not (tmp_path / "model.keras").exists()
 
 
 # ------------------------------------------------------------------------------- saved and loaded

@@ -342,10 +342,18 @@ class Trainer(keras.Model):
         Returns:
             The path written.
 
+        Raises:
+            ValueError: an unknown format, or a ``.keras`` path (what Keras' ``ModelCheckpoint`` asks for without
+                ``save_weights_only=True``): a Trainer is checkpointed with ``save_weights`` / ``load_weights``.
+
         Example:
 
         >>> trainer.save("style.safetensors", format="kohya")                   # doctest: +SKIP
         """
+        if str(path).endswith(".keras"):
+            raise ValueError(f"A Trainer does not save as a .keras model ({path}); checkpoint it with "
+                             "ModelCheckpoint(..., save_weights_only=True) or save_weights, and load_weights "
+                             "into a Trainer built the same way")
         formats = SAVE_FORMATS[self.method]
         format = format or formats[0]
         _check_choice(f"format for a {self.method!r} trainer", format, formats)
