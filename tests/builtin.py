@@ -30,17 +30,19 @@ class ModelConfigs:
     vae: C.VAEConfig
 
 
-# The built-in model's networks (SD 1.x family, the shipped CLIP vocabulary).
+# The built-in model's networks (SD 1.x family, the shipped CLIP vocabulary; the loader reads a text encoder's heads
+# as its width over 64, so one head here).
 SHAPES_CONFIGS = ModelConfigs(
     text_encoder=C.TextEncoderConfig(width=64, num_layers=2, num_heads=1, mlp_dim=256),
     unet=C.UNetConfig(block_channels=(64, 96, 96), attention_levels=(True, True, True), layers_per_level=1,
                       context_dim=64, num_heads=8),
     vae=C.VAEConfig(block_channels=(32, 64, 64, 64), layers_per_level=1),
 )
-# Smaller still, for the tests: the full vocabulary (the shipped tokenizer's), four VAE levels (8 pixels a latent).
+# Smaller still, for the tests: the full vocabulary (the shipped tokenizer's), 64-wide heads (what the loader reads
+# from an SD 1.x text encoder's width), four VAE levels (8 pixels a latent).
 TINY_CONFIGS = ModelConfigs(
-    text_encoder=C.TextEncoderConfig(width=32, num_layers=1, num_heads=1, mlp_dim=64),
-    unet=C.UNetConfig(block_channels=(32, 32), attention_levels=(True, False), layers_per_level=1, context_dim=32,
+    text_encoder=C.TextEncoderConfig(width=64, num_layers=1, num_heads=1, mlp_dim=64),
+    unet=C.UNetConfig(block_channels=(32, 32), attention_levels=(True, False), layers_per_level=1, context_dim=64,
                       num_heads=2),
     vae=C.VAEConfig(block_channels=(32, 32, 32, 32), layers_per_level=1),
 )
@@ -52,11 +54,20 @@ def write_converted_model(folder, configs=TINY_CONFIGS, image_size=SHAPES_IMAGE_
     keras.utils.set_random_seed(seed)
     networks = {"text_encoder": [build_text_encoder(configs.text_encoder)], "unet": [build_unet(configs.unet)],
                 "vae": [build_image_encoder(configs.vae), build_decoder(configs.vae)]}
-    weights = {network: {v.path: np.asarray(keras.ops.convert_to_numpy(v.value), dtype)
+    rng = np.random.default_rng(seed)
+    weights = {network: {v.path: np.asarray(_drawn(v.path, keras.ops.convert_to_numpy(v.value), rng), dtype)
                          for model in models for v in model.weights}
                for network, models in networks.items()}
     scheduler = {"_class_name": "DDIMScheduler", **dataclasses.asdict(SchedulerConfig())}
     return save_converted(Converted(weights, scheduler, None, source, image_size), folder)
+
+
+def _drawn(path, initial, rng):
+    """Keras' initial kernels and embeddings; norm scales and biases drawn too (Keras starts them at 1 and 0, which
+    would make every layer norm's output mean exactly 0, and A1111 emphasis divide by it)."""
+    if path.endswith(("gamma", "beta", "bias")):
+        return initial + 0.1 * rng.standard_normal(initial.shape)
+    return initial
 
 
 def shipped_shapes_folder():
