@@ -57,9 +57,10 @@ examples:
   kerasdiffusion generate "a lighthouse at dusk" --model ./sd15-keras
 
 Models: the built-in kerasdiffusion/shapes (small, offline), a Hub id (org/name, diffusers layout), a
-diffusers folder, a .safetensors / .ckpt file, or a folder written by `kerasdiffusion convert`. Converted weights are cached in {sources.cache_dir()}
-(set ${sources.CACHE_ENV} to move it, ${sources.NO_CACHE_ENV}=1 to turn it off), so only the first
-use of a model converts it. Each PNG stores its prompt and settings, also in the "parameters" text
+diffusers folder, a .safetensors / .ckpt file, or a folder written by `kerasdiffusion convert`. Images
+are the model's own size unless --width / --height say otherwise. Converted weights are cached in
+{sources.cache_dir()} (set ${sources.CACHE_ENV} to move it, ${sources.NO_CACHE_ENV}=1 to turn it off), so
+only the first use of a model converts it. Each PNG stores its prompt and settings, also in the "parameters" text
 AUTOMATIC1111's web UI reads.
 """
 

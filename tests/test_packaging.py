@@ -48,7 +48,7 @@ def test_wheel_holds_every_module_and_the_vocabulary(wheel):
     assert {"kerasdiffusion/data/bpe_simple_vocab_16e6.txt.gz", "kerasdiffusion/data/LICENSE-CLIP-VOCAB.txt"} <= names
     builtin = {os.path.relpath(os.path.join(root, name), source).replace(os.sep, "/")
                for root, _, files in os.walk(source / BUILTIN) for name in files}
-    assert {"kerasdiffusion/models/shapes/kerasdiffusion.json", "kerasdiffusion/models/shapes/unet.safetensors"} <= builtin
+    assert {f"kerasdiffusion/models/shapes/{name}" for name in ("kerasdiffusion.json", "unet.safetensors")} <= builtin
     assert builtin <= names, sorted(builtin - names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "kerasdiffusion = kerasdiffusion.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

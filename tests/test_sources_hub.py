@@ -399,7 +399,8 @@ def test_entries_and_folders_without_an_image_size_fall_back(diffusers_folder, k
         if not folder.exists():
             save_converted(sources.resolve(diffusers_folder), folder)
         manifest = folder / C.MANIFEST
-        manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "image_size"}))
+        recorded = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({k: v for k, v in recorded.items() if k != "image_size"}))
     assert sources.resolve(diffusers_folder).image_size == 64
     assert sources.resolve(tmp_path / "converted").image_size is None
     assert load(tmp_path / "converted", img_width=None, img_height=None).img_width == 512
