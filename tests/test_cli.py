@@ -464,3 +464,14 @@ def test_builtin_model_in_batch_convert_export_and_train(builtin_shapes, tmp_pat
                      "--out", tmp_path / "lora", "--steps", "1", "--precision", "float32", "--eager", "--quiet"]) == 0
     assert resolutions == [64]  # no --resolution: the model's own size
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_missing_builtin_model_is_one_error_line(tmp_path, monkeypatch, capfd):
+    name = "kerasdiffusion/shapes"
+    monkeypatch.setitem(sources.BUILTIN_MODELS, name, str(tmp_path / "absent"))
+    for command in (["generate", SHAPES_PROMPT, "--model", name, "--out", tmp_path / "x.png"],
+                    ["convert", name, tmp_path / "copy"], ["export", name, tmp_path / "diffusers"]):
+        assert run_here([*command, "--quiet"]) in (1, 2), command
+        lines = error_lines(capfd.readouterr().err)
+        assert len(lines) == 1 and f"built-in model {name!r} is missing" in lines[0], (command, lines)
+    assert os.listdir(tmp_path) == []
