@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["kerasdiffusion", "kerasdiffusion.*", "weights_conversion", "weights_conversion.*"]),
-    package_data={"kerasdiffusion": ["data/*"]},
+    # The built-in model kerasdiffusion/shapes ships as a converted folder (sources.BUILTIN_MODELS).
+    package_data={"kerasdiffusion": ["data/*", "models/README.md", "models/shapes/*", "models/shapes/tokenizer/*"]},
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.3",

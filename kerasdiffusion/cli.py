@@ -41,6 +41,9 @@ examples:
   # one 512x512 image from Stable Diffusion v1.5 (downloaded from the Hugging Face Hub on first use)
   kerasdiffusion generate "a photograph of an astronaut riding a horse"
 
+  # a 64x64 image from the small model shipped with the package (no download)
+  kerasdiffusion generate "a red circle on a blue background" --model kerasdiffusion/shapes
+
   # choose the sampler, steps and seed; write fox.png
   kerasdiffusion generate "a watercolor fox" --negative-prompt "blurry, low quality" \\
       --scheduler dpmpp_2m_karras --steps 25 --seed 42 --out fox.png
@@ -53,10 +56,11 @@ examples:
   kerasdiffusion convert ./v1-5-pruned-emaonly.safetensors ./sd15-keras
   kerasdiffusion generate "a lighthouse at dusk" --model ./sd15-keras
 
-Models: a Hub id (org/name, diffusers layout), a diffusers folder, a .safetensors / .ckpt file, or a
-folder written by `kerasdiffusion convert`. Converted weights are cached in {sources.cache_dir()}
-(set ${sources.CACHE_ENV} to move it, ${sources.NO_CACHE_ENV}=1 to turn it off), so only the first
-use of a model converts it. Each PNG stores its prompt and settings, also in the "parameters" text
+Models: the built-in kerasdiffusion/shapes (small, offline), a Hub id (org/name, diffusers layout), a
+diffusers folder, a .safetensors / .ckpt file, or a folder written by `kerasdiffusion convert`. Images
+are the model's own size unless --width / --height say otherwise. Converted weights are cached in
+{sources.cache_dir()} (set ${sources.CACHE_ENV} to move it, ${sources.NO_CACHE_ENV}=1 to turn it off), so
+only the first use of a model converts it. Each PNG stores its prompt and settings, also in the "parameters" text
 AUTOMATIC1111's web UI reads.
 """
 
@@ -83,9 +87,12 @@ examples:
   # after a crash or preemption: the same command again finishes the job
 """
 
-# The generate options a PNG given with --from-png may set; each takes this value when neither says.
+# The generate options a PNG given with --from-png may set; each takes this value when neither says. A width or
+# height of None is the model's own size.
 GENERATE_DEFAULTS = dict(model=sources.DEFAULT_MODEL, negative_prompt="", steps=50, guidance=7.5, seed=None,
-                         width=512, height=512, batch_size=1, scheduler="ddim", prompt_syntax="a1111", clip_skip=1)
+                         width=None, height=None, batch_size=1, scheduler="ddim", prompt_syntax="a1111", clip_skip=1)
+MODEL_SIZE_HELP = ("the model's own size: 512 for SD 1.x, its UNet's sample size x 8 where the source says it, "
+                   "64 for kerasdiffusion/shapes")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
 SCHEDULER_HELP = ", ".join(f"{name} ({I.A1111_SAMPLERS[name]})" for name in SCHEDULER_NAMES)
@@ -135,8 +142,9 @@ def _add_generate(commands):
                           help='what to draw, in quotes: "a watercolor fox in the snow" (with --from-png: the '
                           "PNG's, unless given)")
     generate.add_argument("--model", "-m", metavar="SOURCE", default=None,
-                          help="a Hub id (org/name), a diffusers folder, a .safetensors / .ckpt file or a folder "
-                          f"written by `kerasdiffusion convert` (default: {GENERATE_DEFAULTS['model']})")
+                          help="kerasdiffusion/shapes (built in), a Hub id (org/name), a diffusers folder, a "
+                          ".safetensors / .ckpt file or a folder written by `kerasdiffusion convert` "
+                          f"(default: {GENERATE_DEFAULTS['model']})")
     generate.add_argument("--out", "-o", metavar="PATH", default="out.png",
                           help="the PNG to write; with --batch-size N > 1, out.png becomes out-0.png ... "
                           "out-{N-1}.png (default: %(default)s)")
@@ -152,9 +160,9 @@ def _add_generate(commands):
                           help="the same seed and settings give the same images (default: a random seed, printed "
                           "and stored in the PNG)")
     generate.add_argument("--width", type=int, default=None, metavar="W",
-                          help=f"image width in pixels, a multiple of 8 (default: {GENERATE_DEFAULTS['width']})")
+                          help=f"image width in pixels, a multiple of 8 (default: {MODEL_SIZE_HELP})")
     generate.add_argument("--height", type=int, default=None, metavar="H",
-                          help=f"image height in pixels, a multiple of 8 (default: {GENERATE_DEFAULTS['height']})")
+                          help=f"image height in pixels, a multiple of 8 (default: {MODEL_SIZE_HELP})")
     generate.add_argument("--batch-size", "-b", type=int, default=None, metavar="B",
                           help=f"how many images to make at once (default: {GENERATE_DEFAULTS['batch_size']})")
     generate.add_argument("--scheduler", "--sampler", default=None, choices=SCHEDULER_NAMES, metavar="NAME",
@@ -222,9 +230,9 @@ def _add_batch(commands):
                        help="the job's seed: a record without its own seed gets one made of S and its line number "
                        "(default: a random seed, kept in DIR/job.json for reruns)")
     batch.add_argument("--width", type=int, default=GENERATE_DEFAULTS["width"], metavar="W",
-                       help="image width, a multiple of 8, for records without one (default: %(default)s)")
+                       help=f"image width, a multiple of 8, for records without one (default: {MODEL_SIZE_HELP})")
     batch.add_argument("--height", type=int, default=GENERATE_DEFAULTS["height"], metavar="H",
-                       help="image height, a multiple of 8, for records without one (default: %(default)s)")
+                       help=f"image height, a multiple of 8, for records without one (default: {MODEL_SIZE_HELP})")
     batch.add_argument("--scheduler", "--sampler", default=GENERATE_DEFAULTS["scheduler"], choices=SCHEDULER_NAMES,
                        metavar="NAME", help="the sampler (see generate) (default: %(default)s)")
     batch.add_argument("--prompt-syntax", default=GENERATE_DEFAULTS["prompt_syntax"], choices=PROMPT_SYNTAXES,
@@ -250,7 +258,8 @@ def _add_convert(commands):
         epilog="example:\n  kerasdiffusion convert ./v1-5-pruned-emaonly.safetensors ./sd15-keras\n",
         formatter_class=_Formatter,
     )
-    convert.add_argument("source", help="a Hub id (org/name), a diffusers folder, or a .safetensors / .ckpt file")
+    convert.add_argument("source", help="a Hub id (org/name), a diffusers folder, or a .safetensors / .ckpt file (or "
+                         "kerasdiffusion/shapes, copied as it is)")
     convert.add_argument("output_dir", help="the folder to write (must not exist, or be empty)")
     _add_revision(convert)
     _add_quiet(convert)
@@ -289,8 +298,8 @@ def _add_train(commands):
                        help="the model to fine-tune, any source `generate` takes (default: %(default)s)")
     train.add_argument("--data", required=True, metavar="DIR", help="the images and their captions")
     train.add_argument("--out", required=True, metavar="DIR", help="the run's folder: checkpoint and result")
-    train.add_argument("--resolution", type=int, default=512, metavar="R",
-                       help="train on R x R crops, a multiple of 8 (default: %(default)s)")
+    train.add_argument("--resolution", type=int, default=None, metavar="R",
+                       help=f"train on R x R crops, a multiple of 8 (default: {MODEL_SIZE_HELP})")
     train.add_argument("--batch-size", type=int, default=1, metavar="B", help="(default: %(default)s)")
     train.add_argument("--steps", type=int, default=1000, metavar="N", help="optimizer steps (default: %(default)s)")
     train.add_argument("--learning-rate", "--lr", type=float, default=1e-4, metavar="LR",
@@ -340,8 +349,8 @@ def _add_export(commands):
         "  kerasdiffusion export ./sd15-diffusers ./sd15.safetensors --format single-file\n",
         formatter_class=_Formatter,
     )
-    export.add_argument("source", help="a Hub id (org/name), a diffusers or converted folder, or a .safetensors / "
-                        ".ckpt file")
+    export.add_argument("source", help="kerasdiffusion/shapes, a Hub id (org/name), a diffusers or converted folder, "
+                        "or a .safetensors / .ckpt file")
     export.add_argument("out", help="the folder (diffusers; must not exist, or be empty) or .safetensors file "
                         "(single-file; must not exist) to write")
     export.add_argument("--format", choices=EXPORT_FORMATS, default="diffusers",
@@ -423,6 +432,7 @@ def run_generate(args):
         sd.load_lora(lora.path, scale=lora.scale, name=lora.name)
     embeddings = {sd.load_textual_inversion(path): path for path in args.embedding}
     _check_png_embeddings(args.from_png, png, embeddings)
+    args.width, args.height = sd.img_width, sd.img_height  # the model's own size where not given, for the PNGs
     say(f"Loaded {args.model} in {time.perf_counter() - start:.1f} s; seed {seed}")
     images = sd.text_to_image(args.prompt, negative_prompt=args.negative_prompt or None, batch_size=args.batch_size,
                               num_steps=args.steps, unconditional_guidance_scale=args.guidance, seed=seed,
@@ -482,7 +492,7 @@ def check_batch_args(args):
         if value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
     for option, value in (("--width", args.width), ("--height", args.height)):
-        if value < 8 or value % 8:
+        if value is not None and (value < 8 or value % 8):
             raise UsageError(f"{option} must be a positive multiple of 8, got {value}")
     if not math.isfinite(args.guidance):
         raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
@@ -512,7 +522,7 @@ def fill_generate_args(args, png):
         args.prompt = png.get("prompt")
     if args.model is None and "model" in png:
         name = png["model"]
-        if not (sources.is_hub_id(name) or os.path.exists(name)):
+        if not (sources.is_builtin(name) or sources.is_hub_id(name) or os.path.exists(name)):
             made_with = f"{name!r}" + (f" (hash {png['model_hash']})" if png.get("model_hash") else "")
             raise UsageError(f"{args.from_png} was made with the model {made_with}: pass it with --model")
     for key, default in GENERATE_DEFAULTS.items():
@@ -688,7 +698,7 @@ def check_generate_args(args):
         if value < 1:
             raise UsageError(f"{option} must be at least 1, got {value}")
     for option, value in (("--width", args.width), ("--height", args.height)):
-        if value < 8 or value % 8:
+        if value is not None and (value < 8 or value % 8):
             raise UsageError(f"{option} must be a positive multiple of 8, got {value}")
     if not math.isfinite(args.guidance):
         raise UsageError(f"--guidance must be a finite number, got {args.guidance}")

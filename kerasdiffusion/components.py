@@ -54,6 +54,8 @@ class Components:
         family: the `ModelFamily` (SD 1.x, SD 2.x).
         scheduler_config: the training schedule and prediction type (a `SchedulerConfig`).
         vae_config: the autoencoder's `VAEConfig` (its ``scaling_factor`` scales latents).
+        image_size: the image side (pixels) the model was trained at, its pipelines' default size; `None` takes
+            the family's for the scheduler config's prediction type (`ModelFamily.default_image_size`).
         precision: the networks' dtype policy name.
         source: where the weights came from, for messages and image metadata.
         loras: the LoRAs fused into the UNet's and text encoder's weights, with the originals they replaced
@@ -68,11 +70,15 @@ class Components:
     family: C.ModelFamily = C.SD1
     scheduler_config: SchedulerConfig = SchedulerConfig()
     vae_config: C.VAEConfig = C.SD_VAE
+    image_size: int | None = None
     precision: str = "float32"
     source: str = ""
     loras: FusedLoras = dataclasses.field(default_factory=FusedLoras, compare=False, repr=False)
 
     def __post_init__(self):
+        if self.image_size is None:
+            object.__setattr__(self, "image_size",
+                               self.family.default_image_size(self.scheduler_config.prediction_type))
         problems = _disagreements(self)
         if problems:
             raise ValueError("The components do not fit together: " + "; ".join(problems))
@@ -98,6 +104,9 @@ def _disagreements(parts):
     attends_to = parts.diffusion_model.inputs[2].shape[-1]
     latent = parts.latent_channels
     problems = []
+    if isinstance(parts.image_size, bool) or not isinstance(parts.image_size, int) or parts.image_size < 8 \
+            or parts.image_size % 8:
+        problems.append(f"the image size {parts.image_size!r} is not a positive multiple of 8")
     if attends_to != context_width:
         problems.append(f"the UNet attends to a {attends_to}-wide context but the text encoder gives {context_width}")
     if parts.unet_channels not in (latent, 2 * latent + 1):
@@ -138,7 +147,8 @@ def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None,
     The family (SD 1.x, 2.x, 9-channel inpainting) and every size are read from the weights' shapes.
 
     Args:
-        source: a Hub id, a diffusers folder, a single `.safetensors` / `.ckpt` file, or a converted folder.
+        source: a built-in model's name (``"kerasdiffusion/shapes"``), a Hub id, a diffusers folder, a single
+            `.safetensors` / `.ckpt` file, or a converted folder.
         precision: `"float32"`, `"mixed_float16"` or `"mixed_bfloat16"`; `None` picks float16 on GPU,
             bfloat16 on TPU and float32 on CPU. Applies to these networks' layers only.
         revision: for a Hub id, the branch, tag or commit (default: the main branch).
@@ -148,11 +158,14 @@ def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None,
         prediction_type: `"epsilon"` or `"v_prediction"`, overriding what the source says.
 
     Returns:
-        `Components`.
+        `Components`; its ``image_size`` is what the source says (a diffusers UNet's ``sample_size`` times 8, a
+        converted folder's record), else the family's rule (`ModelFamily.default_image_size`).
 
     Example:
 
     >>> parts = load_components("v1-5-pruned-emaonly.safetensors", precision="float32")   # doctest: +SKIP
+    >>> parts.image_size                                                                  # doctest: +SKIP
+    512
     """
     check_precision(precision)
     precision = precision or default_precision()
@@ -183,4 +196,4 @@ def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None,
         tokenizer = CLIPTokenizer(pad_token=family.pad_token)
     return Components(tokenizer=tokenizer, **networks, family=family,
                       scheduler_config=_scheduler_config(converted, family, prediction_type), vae_config=vae_config,
-                      precision=precision, source=str(source))
+                      image_size=converted.image_size, precision=precision, source=str(source))

@@ -22,6 +22,8 @@ import re
 SCHEDULER_NAMES = ("ddim", "pndm", "lms", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 PROMPT_SYNTAXES = ("plain", "a1111")
+# The image side Stable Diffusion 1.x (and 2.x base) was trained at.
+BASE_IMAGE_SIZE = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +100,21 @@ class ModelFamily:
     # How original single-file checkpoints store the text tower: OpenAI CLIP in transformers' names (SD 1.x), or
     # OpenCLIP's (SD 2.x).
     open_clip: bool = False
+    # The image side (pixels) the family's models were trained at with its own prediction type, for sources
+    # that do not say it (single files, which carry no UNet sample_size): the SD 2.x v-prediction models are
+    # the 768x768 ones.
+    image_size: int = BASE_IMAGE_SIZE
+
+    def default_image_size(self, prediction_type):
+        """The model's own image side when its source does not say it: the family's for its own prediction
+        type; 512 otherwise (SD 2.x base, an epsilon model, is a 512x512 one).
+
+        Example:
+
+        >>> SD2.default_image_size("v_prediction"), SD2.default_image_size("epsilon"), SD1.default_image_size("epsilon")
+        (768, 512, 512)
+        """
+        return self.image_size if prediction_type == self.prediction_type else BASE_IMAGE_SIZE
 
 
 SD1_TEXT_ENCODER = TextEncoderConfig()
@@ -110,7 +127,7 @@ SD_VAE = VAEConfig()
 
 SD1 = ModelFamily("sd1", SD1_TEXT_ENCODER, SD1_UNET, SD_VAE)
 SD2 = ModelFamily("sd2", SD2_TEXT_ENCODER, SD2_UNET, SD_VAE, pad_token="!", prediction_type="v_prediction",
-                  open_clip=True)
+                  open_clip=True, image_size=768)
 FAMILIES = {family.name: family for family in (SD1, SD2)}
 
 

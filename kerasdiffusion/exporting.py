@@ -21,6 +21,7 @@ from keras import ops
 
 from kerasdiffusion import config as C
 from weights_conversion import export as W
+from weights_conversion.convert import VAE_SCALE
 
 FORMATS = W.EXPORT_FORMATS
 
@@ -70,15 +71,13 @@ def network_weights(components):
 
 
 def diffusers_configs(components, weights, unet):
-    """The folder's JSON files, from the network configs the weights give (`kerasdiffusion.config`)."""
-    family, tokenizer = components.family, components.tokenizer
-    # What the weights cannot tell: the image size the model was trained at. SD 2.x v-prediction models are the
-    # 768x768 ones (as `ModelFamily.prediction_type` assumes); the rest 512x512.
-    image_size = 768 if components.scheduler_config.prediction_type == "v_prediction" else 512
+    """The folder's JSON files, from the network configs the weights give (`kerasdiffusion.config`); the
+    sample sizes from the model's own image size (`Components.image_size`)."""
+    family, tokenizer, image_size = components.family, components.tokenizer, components.image_size
     token_ids = {"bos_token_id": tokenizer.start_token_id, "eos_token_id": tokenizer.end_token_id,
                  "pad_token_id": tokenizer.pad_token_id}
     return {
-        "unet": W.unet_config(unet, unet.linear_projection, image_size // 8),
+        "unet": W.unet_config(unet, unet.linear_projection, image_size // VAE_SCALE),
         "vae": W.vae_config(dataclasses.replace(C.vae_config_from_weights(weights["vae"], family),
                                                 scaling_factor=components.vae_config.scaling_factor), image_size),
         "text_encoder": W.text_encoder_config(C.text_encoder_config_from_weights(weights["text_encoder"], family),

@@ -113,7 +113,8 @@ class JobSettings:
 
     Args:
         seed: the job's seed; a record without ``seed`` gets `record_seed` of it and its line.
-        negative_prompt, num_steps, guidance, width, height: a record's defaults.
+        negative_prompt, num_steps, guidance, width, height: a record's defaults; a width or height of `None`
+            is the model's own size (`Components.image_size`), filled in when the job runs (`with_image_size`).
         images: images per record (``--images-per-prompt``), unless the record says ``images``.
         batch_size: the global batch, over all devices of a worker together.
     """
@@ -122,13 +123,15 @@ class JobSettings:
     negative_prompt: str = ""
     num_steps: int = 50
     guidance: float = 7.5
-    width: int = 512
-    height: int = 512
+    width: int | None = None
+    height: int | None = None
     images: int = 1
     batch_size: int = 1
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
+            if field.name in ("width", "height") and getattr(self, field.name) is None:
+                continue
             rule = "images" if field.name == "batch_size" else None  # a count >= 1, as images is
             problem = check_field(field.name, getattr(self, field.name), rule)
             if problem:
@@ -137,7 +140,8 @@ class JobSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One line of a prompts file, every field filled in."""
+    """One line of a prompts file, every field filled in (width and height: once the job knows its model's size,
+    `with_image_size`)."""
 
     file: str
     line: int
@@ -207,6 +211,22 @@ def read_job(path, settings, prompt_syntax="plain"):
     if not records:
         raise JobFileError(f"{path}: holds no prompts")
     return Job(path, tuple(records), settings, hashlib.sha256(data).hexdigest())
+
+
+def with_image_size(job, width, height):
+    """``job`` with ``width`` x ``height`` (the model's own size) wherever neither a record nor the job's settings
+    give one.
+
+    Example:
+
+    >>> job = Job("p.txt", (), JobSettings(height=32), "")
+    >>> with_image_size(job, 64, 64).settings.width, with_image_size(job, 64, 64).settings.height
+    (64, 32)
+    """
+    def sized(value):
+        return dataclasses.replace(value, width=value.width or width, height=value.height or height)
+
+    return dataclasses.replace(job, records=tuple(map(sized, job.records)), settings=sized(job.settings))
 
 
 def _txt_record(text, where):
@@ -359,7 +379,8 @@ def job_description(sd, job, model_hash):
     """What makes two runs the same job (``job.json``): the model (its source and `sources.model_hash`), the
     pipeline's settings, the job's settings and the prompts file's sha256. The device count and the worker
     are not part of it: a job may resume on another machine."""
-    source = sd.source if sources.is_hub_id(sd.source) else os.path.abspath(sd.source)
+    named = sources.is_builtin(sd.source) or sources.is_hub_id(sd.source)
+    source = sd.source if named else os.path.abspath(sd.source)
     return {
         "format": JOB_FORMAT,
         "model": source,
@@ -552,7 +573,8 @@ def run_job(sd, job, folder, worker=None, progress=True):
     Args:
         sd: the `StableDiffusion` to run; its scheduler, precision, prompt syntax and distribution are the job's.
             Records of another size run on a pipeline over the same components.
-        job: `read_job`'s `Job`.
+        job: `read_job`'s `Job`; where neither a record nor its settings give a size, ``sd``'s (by default the
+            model's own) is used.
         folder: the output folder (made if missing). One that holds another job raises `JobConflictError`.
         worker: this process's `Worker` share; None: `current_worker()` (``TF_CONFIG``, JAX processes).
         progress: show a progress bar over images.
@@ -568,6 +590,7 @@ def run_job(sd, job, folder, worker=None, progress=True):
     from tqdm.auto import tqdm
 
     worker = worker or current_worker()
+    job = with_image_size(job, sd.img_width, sd.img_height)
     model_hash = sources.model_hash(sd.source)
     claim_folder(folder, job_description(sd, job, model_hash))
     finished = read_manifest(folder)

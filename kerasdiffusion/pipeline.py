@@ -80,7 +80,9 @@ class StableDiffusion:
     """Stable Diffusion 1.x / 2.x in Keras: text-to-image, image-to-image and inpainting.
 
     Args:
-        img_width, img_height: the size of generated images; any multiple of 8.
+        img_width, img_height: the size of generated images; any multiple of 8. `None` (the default): the
+            model's own size (`Components.image_size`: 512 for SD 1.x, the UNet's sample size times 8 where the
+            source says it, 64 for ``"kerasdiffusion/shapes"``), as diffusers does.
         jit_compile: compile the text encoder, the denoising loop and the decoder with XLA.
         precision: `"float32"`, `"mixed_float16"` or `"mixed_bfloat16"`; `None` picks float16 on GPU,
             bfloat16 on TPU and float32 on CPU. Applies to this model's layers only.
@@ -88,7 +90,8 @@ class StableDiffusion:
             `"dpmpp_2m"`, `"dpmpp_2m_karras"`) or a scheduler object; one made without a config takes the
             checkpoint's training schedule and prediction type.
         source: where the weights come from (see `from_pretrained`); the default is SD v1.5 from the Hub,
-            loaded on first use, as in KerasCV.
+            loaded on first use, as in KerasCV. A built-in model's name, ``"kerasdiffusion/shapes"``, loads the
+            small model shipped inside the package.
         prediction_type: `"epsilon"` or `"v_prediction"`, overriding what the source's scheduler config says.
         prompt_syntax: `"plain"` (the prompt as KerasCV and diffusers read it: one 77-token window, longer
             prompts truncated with a warning) or `"a1111"` (AUTOMATIC1111's: `(emphasis:1.2)`, `[less]`,
@@ -115,18 +118,20 @@ class StableDiffusion:
     (1, 512, 512, 3)
     """
 
-    def __init__(self, img_width=512, img_height=512, jit_compile=True, precision=None, scheduler="ddim",
+    def __init__(self, img_width=None, img_height=None, jit_compile=True, precision=None, scheduler="ddim",
                  source=None, prediction_type=None, *, prompt_syntax="plain", clip_skip=1, loop=None,
                  distribution=None, revision=None, cache=None, progress=True):
-        _check_size("img_width", img_width)
-        _check_size("img_height", img_height)
+        for name, value in (("img_width", img_width), ("img_height", img_height)):
+            if value is not None:
+                _check_size(name, value)
         check_precision(precision)
         check_prompt_syntax(prompt_syntax)
         check_clip_skip(clip_skip)
         _check_loop(loop)
         backend.name()
         self.distribution = distribute.check_distribution(distribution, jit_compile)
-        self.img_width, self.img_height = int(img_width), int(img_height)
+        # None: the model's own size, known once the components are.
+        self._size = tuple(None if value is None else int(value) for value in (img_width, img_height))
         self.jit_compile = jit_compile
         self.prompt_syntax = prompt_syntax
         self.clip_skip = int(clip_skip)
@@ -139,13 +144,14 @@ class StableDiffusion:
         self._components = None
 
     @classmethod
-    def from_pretrained(cls, source, img_width=512, img_height=512, jit_compile=True, precision=None,
+    def from_pretrained(cls, source, img_width=None, img_height=None, jit_compile=True, precision=None,
                         scheduler="ddim", prediction_type=None, *, prompt_syntax="plain", clip_skip=1, loop=None,
                         distribution=None, revision=None, cache=None, progress=True):
         """Loads weights from a Hub id, a diffusers folder, a single `.safetensors`/`.ckpt` or a converted folder.
 
         `load_components` and `from_components` together. The family (SD 1.x, 2.x, 9-channel inpainting)
-        and all sizes are read from the weights' shapes. `prediction_type` (`"epsilon"` /
+        and all sizes are read from the weights' shapes; `img_width` / `img_height` default to the model's own
+        image size (`Components.image_size`). `prediction_type` (`"epsilon"` /
         `"v_prediction"`) overrides what the source's scheduler config says. `distribution` (a
         `tf.distribute.Strategy` / `keras.distribution.DataParallel`) builds the networks under its scope and
         runs every program over its replicas (see the constructor). `revision` picks a Hub id's
@@ -164,7 +170,7 @@ class StableDiffusion:
         return model
 
     @classmethod
-    def from_components(cls, components, img_width=512, img_height=512, jit_compile=True, scheduler="ddim", *,
+    def from_components(cls, components, img_width=None, img_height=None, jit_compile=True, scheduler="ddim", *,
                         prompt_syntax="plain", clip_skip=1, loop=None, distribution=None):
         """A pipeline over ready `Components` (from `load_components`, or networks of your own).
 
@@ -214,6 +220,16 @@ class StableDiffusion:
             with distribute.scope(self.distribution):
                 self._set_components(load_components(self.source, **self._load_options))
         return self._components
+
+    @property
+    def img_width(self):
+        """The width of generated images: the constructor's, else the model's own size."""
+        return self._size[0] or self.components.image_size
+
+    @property
+    def img_height(self):
+        """The height of generated images: the constructor's, else the model's own size."""
+        return self._size[1] or self.components.image_size
 
     @property
     def tokenizer(self):

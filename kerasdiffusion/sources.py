@@ -1,4 +1,5 @@
-"""Where weights come from: Hub ids, local diffusers folders, single checkpoint files, converted folders.
+"""Where weights come from: built-in models, Hub ids, local diffusers folders, single checkpoint files,
+converted folders.
 
 Everything ends as a `weights_conversion.Converted`: our weights per network, plus the scheduler config and
 tokenizer files when the source has them. The model family and every size are read from the weights.
@@ -8,10 +9,15 @@ the source's identity: under ``$KERASDIFFUSION_CACHE`` if set, else ``$XDG_CACHE
 ``~/.cache/kerasdiffusion``. ``KERASDIFFUSION_NO_CACHE=1`` (or ``resolve(..., use_cache=False)``) turns the
 cache off. Converted folders are loaded as they are, never cached again.
 
+Built-in models (`BUILTIN_MODELS`) are converted folders shipped inside the package under a name of the Hub's
+form; the name is looked up before anything else (no network, no cache).
+
 Example:
 
->>> from kerasdiffusion.sources import is_hub_id
+>>> from kerasdiffusion.sources import is_builtin, is_hub_id
 >>> is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5"), is_hub_id("./my-model")
+(True, False)
+>>> is_builtin("kerasdiffusion/shapes"), is_hub_id("kerasdiffusion/shapes")
 (True, False)
 """
 
@@ -30,6 +36,7 @@ from weights_conversion.convert import (
     FORMAT_VERSION,
     SINGLE_FILE_SUFFIXES,
     convert_source,
+    diffusers_image_size,
     is_converted_folder,
     is_diffusers_folder,
     save_converted,
@@ -39,6 +46,11 @@ from weights_conversion.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# The models shipped inside the package: name -> its converted folder. The names take precedence over Hub ids
+# and local paths alike (a local folder of that name is reached as ./kerasdiffusion/shapes).
+BUILTIN_MODELS = {
+    "kerasdiffusion/shapes": os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes"),
+}
 # The non-weight files of a diffusers repository our pipeline reads; all small.
 HUB_PATTERNS = [
     "model_index.json",
@@ -69,22 +81,44 @@ _HUB_ID = re.compile(f"{_HUB_NAME}/{_HUB_NAME}")
 # ------------------------------------------------------------------------------------------ what a source is
 
 
+def is_builtin(source):
+    """A name of `BUILTIN_MODELS`, a model shipped inside the package."""
+    return os.fspath(source) in BUILTIN_MODELS
+
+
+def builtin_folder(name):
+    """The converted folder of the built-in model ``name``.
+
+    Raises:
+        FileNotFoundError: the package was installed without it.
+    """
+    folder = BUILTIN_MODELS[os.fspath(name)]
+    if not is_converted_folder(folder):
+        raise FileNotFoundError(f"The built-in model {name!r} is missing from this installation: no converted "
+                                f"folder at {folder!r}. Reinstall kerasdiffusion (the package data holds it).")
+    return folder
+
+
 def is_hub_id(source):
-    """``org/name`` that is not an existing local path (nor looks like a checkpoint file)."""
+    """``org/name`` that is not a built-in model's name, nor an existing local path (nor looks like a
+    checkpoint file)."""
     source = os.fspath(source)
-    if os.path.exists(source) or source.endswith(SINGLE_FILE_SUFFIXES):
+    if is_builtin(source) or os.path.exists(source) or source.endswith(SINGLE_FILE_SUFFIXES):
         return False
     return _HUB_ID.fullmatch(source) is not None and ".." not in source and "--" not in source
 
 
 def source_kind(source):
-    """``"hub"``, ``"converted"``, ``"diffusers"`` or ``"file"``; checks only what is cheap to check.
+    """``"builtin"``, ``"hub"``, ``"converted"``, ``"diffusers"`` or ``"file"``; checks only what is cheap to check.
 
     Raises:
-        FileNotFoundError: a local path that does not exist.
+        FileNotFoundError: a local path that does not exist; a built-in model missing from the installation.
         CheckpointError: a folder or file of a form we cannot read.
     """
     source = os.fspath(source)
+    if is_builtin(source):
+        builtin_folder(source)
+        return "builtin"
     if is_hub_id(source):
         return "hub"
     if not os.path.exists(source):
@@ -115,7 +149,8 @@ def resolve(source, half_precision=False, use_cache=None, revision=None, progres
     """Reads (and converts, where needed) the weights of any supported source, through the cache.
 
     Args:
-        source: a Hub repo id, a diffusers folder, a single `.safetensors` / `.ckpt` file, or a converted folder.
+        source: a built-in model's name, a Hub repo id, a diffusers folder, a single `.safetensors` / `.ckpt` file,
+            or a converted folder.
         half_precision: for Hub ids, fetch the fp16 weight files when the repository has them.
         use_cache: `None` follows ``$KERASDIFFUSION_NO_CACHE``; `False` neither reads nor writes the cache;
             `True` uses it whatever the environment says.
@@ -134,13 +169,27 @@ def resolve(source, half_precision=False, use_cache=None, revision=None, progres
     kind = source_kind(source)
     check_revision(source, revision)
     with conversion_progress.shown(progress):
+        if kind == "builtin":
+            converted = convert_source(builtin_folder(source), lazy)
+            converted.source = source
+            return converted
         if kind == "hub":
             return _resolve_hub(source, half_precision, use_cache, revision, lazy)
         if kind == "converted":
             return convert_source(source, lazy)
         key = file_key(source) if kind == "file" else folder_key(source)
         label = os.path.basename(os.path.normpath(source))
-        return _cached(_entry_name(label, key), source, lambda: convert_source(source), use_cache, lazy)
+        converted = _cached(_entry_name(label, key), source, lambda: convert_source(source), use_cache, lazy)
+        if kind == "diffusers":
+            _fill_image_size(converted, source)
+        return converted
+
+
+def _fill_image_size(converted, folder):
+    """A cache entry written before converted folders recorded the image size: read it from the diffusers
+    folder's UNet config, as a fresh conversion would."""
+    if converted.image_size is None:
+        converted.image_size = diffusers_image_size(folder)
 
 
 # ------------------------------------------------------------------------------------------------ cache keys
@@ -302,7 +351,9 @@ def _resolve_hub(repo_id, half_precision, use_cache, revision, lazy=False):
         return converted
 
     name = _entry_name(repo_id.replace("/", "--"), hub_key(repo_id, commit, half_precision))
-    return _cached(name, repo_id, download_and_convert, use_cache, lazy)
+    converted = _cached(name, repo_id, download_and_convert, use_cache, lazy)
+    _fill_image_size(converted, configs)
+    return converted
 
 
 def _download_weights(repo_id, commit, configs, half_precision):
@@ -415,9 +466,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
 def model_name(source):
-    """The short model name A1111's ``Model:`` field shows: a Hub id as is, a path's last part without suffix."""
+    """The short model name A1111's ``Model:`` field shows: a built-in model's name or a Hub id as is, a path's
+    last part without suffix."""
     source = os.fspath(source)
-    if is_hub_id(source):
+    if is_builtin(source) or is_hub_id(source):
         return source
     name = os.path.basename(os.path.normpath(source))
     stem, extension = os.path.splitext(name)
@@ -428,13 +480,15 @@ def model_hash(source, use_cache=None):
     """The short hash of a model's weights, as AUTOMATIC1111's ``Model hash`` names a checkpoint.
 
     A file: the first 10 hex digits of its sha256 (A1111's own, so a checkpoint has the same hash there).
-    A folder (diffusers or converted): of the sha256 of the text of lines ``"<relative path> <sha256>\\n"``, one
-    per weight file (``.safetensors``, ``.bin``, ``.ckpt``, ``.pt``, ``.pth``), sorted by path. A Hub id: None
-    (the id names it). Full hashes are cached by the file's cache key (`file_key`) while the cache is on
-    (``use_cache`` as for `resolve`).
+    A folder (diffusers or converted, a built-in model's included): of the sha256 of the text of lines
+    ``"<relative path> <sha256>\\n"``, one per weight file (``.safetensors``, ``.bin``, ``.ckpt``, ``.pt``,
+    ``.pth``), sorted by path. A Hub id: None (the id names it). Full hashes are cached by the file's cache key
+    (`file_key`) while the cache is on (``use_cache`` as for `resolve`).
     """
     source = os.fspath(source)
-    if is_hub_id(source):
+    if is_builtin(source):
+        source = builtin_folder(source)
+    elif is_hub_id(source):
         return None
     if os.path.isfile(source):
         return _sha256(source, use_cache=use_cache)[:MODEL_HASH_LENGTH]

@@ -3,6 +3,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -14,3 +16,33 @@ import kerasdiffusion  # noqa: E402,F401
 _CACHE = tempfile.mkdtemp(prefix="kerasdiffusion-test-cache-")
 os.environ["KERASDIFFUSION_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_folder(tmp_path_factory):
+    """A tiny converted folder of random weights in the built-in model's form (tests/builtin.py)."""
+    from tests.builtin import write_converted_model
+
+    return write_converted_model(tmp_path_factory.mktemp("builtin") / "shapes")
+
+
+@pytest.fixture
+def builtin_shapes(tiny_shapes_folder, monkeypatch):
+    """The built-in name ``kerasdiffusion/shapes`` pointing at `tiny_shapes_folder`, for the plumbing's tests
+    (they pass with or without the real weights in the package)."""
+    from kerasdiffusion import sources
+    from tests.builtin import SHAPES
+
+    monkeypatch.setitem(sources.BUILTIN_MODELS, SHAPES, tiny_shapes_folder)
+    return SHAPES
+
+
+@pytest.fixture
+def shipped_shapes():
+    """The real built-in model, as the package ships it; skipped where its weights are not in this checkout."""
+    from kerasdiffusion import sources
+    from tests.builtin import SHAPES, shipped_shapes_folder
+
+    if not sources.is_converted_folder(shipped_shapes_folder()):
+        pytest.skip("the built-in model's weights are not in kerasdiffusion/models/shapes/")
+    return SHAPES

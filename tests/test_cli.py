@@ -402,3 +402,76 @@ def test_parameters_text_follows_automatic1111():
                    'Model: "my,model: v2"'
     assert output_paths("x/out.png", 1) == ["x/out.png"]
     assert output_paths("x/out.png", 2) == ["x/out-0.png", "x/out-1.png"]
+
+
+# ------------------------------------------------------------------------------------------ the built-in model
+# Each command takes --model kerasdiffusion/shapes; here the name points at a tiny stand-in (tests/builtin.py).
+
+SHAPES_PROMPT = "a small red circle on the left, blue background"
+
+
+def test_builtin_model_generates_at_its_own_size_and_names_itself(builtin_shapes, tiny_shapes_folder, tmp_path, capfd):
+    out = tmp_path / "shapes.png"
+    assert run_here(["generate", SHAPES_PROMPT, "--model", builtin_shapes, "--out", out, "--steps", "2", "--seed", "3",
+                     *RUN]) == 0
+    pixels, text = read_png(out)
+    assert pixels.shape == (64, 64, 3)  # no --width / --height: the model's own size
+    assert text["model"] == builtin_shapes and (text["width"], text["height"]) == ("64", "64")
+    assert text["parameters"].endswith(f"Size: 64x64, Model hash: {sources.model_hash(tiny_shapes_folder)}, "
+                                       f"Model: {builtin_shapes}")
+    again = tmp_path / "again.png"  # the PNG names the built-in model: --from-png needs no --model
+    assert run_here(["generate", "--from-png", out, "--out", again, *RUN]) == 0
+    np.testing.assert_array_equal(read_png(again)[0], pixels)
+    wide = tmp_path / "wide.png"
+    assert run_here(["generate", SHAPES_PROMPT, "--model", builtin_shapes, "--out", wide, "--steps", "1",
+                     "--width", "96", *RUN]) == 0
+    assert read_png(wide)[0].shape == (64, 96, 3)
+    assert error_lines(capfd.readouterr().err) == []
+
+
+def test_builtin_model_in_batch_convert_export_and_train(builtin_shapes, tmp_path, monkeypatch):
+    import json
+
+    from kerasdiffusion.training import run as training_run
+    from tests.test_training import write_images
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": SHAPES_PROMPT}) + "\n" + json.dumps({"prompt": "a square", "width": 32})
+                       + "\n")
+    renders = tmp_path / "renders"
+    assert run_here(["batch", prompts, "--out", renders, "--model", builtin_shapes, "--steps", "1", "--seed", "1",
+                     *RUN]) == 0
+    made = [json.loads(line) for line in (renders / "manifest.jsonl").read_text().splitlines()]
+    assert sorted((entry["width"], entry["height"]) for entry in made) == [(32, 64), (64, 64)]
+    assert sorted(read_png(renders / entry["file"])[0].shape for entry in made) == [(64, 32, 3), (64, 64, 3)]
+    assert json.loads((renders / "job.json").read_text())["model"] == builtin_shapes
+    assert run_here(["batch", prompts, "--out", renders, "--model", builtin_shapes, "--steps", "1", "--seed", "1",
+                     "--width", "64", "--height", "64", *RUN]) == 0  # the same job, its size now given: resumed
+
+    assert run_here(["convert", builtin_shapes, tmp_path / "copy", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "copy" / "kerasdiffusion.json").read_text())
+    assert (manifest["source"], manifest["image_size"]) == (builtin_shapes, 64)
+
+    assert run_here(["export", builtin_shapes, tmp_path / "diffusers", "--quiet"]) == 0
+    assert json.loads((tmp_path / "diffusers" / "unet" / "config.json").read_text())["sample_size"] == 8
+    assert json.loads((tmp_path / "diffusers" / "vae" / "config.json").read_text())["sample_size"] == 64
+
+    resolutions = []
+    dataset = training_run.image_caption_dataset
+    monkeypatch.setattr(training_run, "image_caption_dataset",
+                        lambda *args, **kwargs: resolutions.append(kwargs["resolution"]) or dataset(*args, **kwargs))
+    assert run_here(["train", "lora", "--model", builtin_shapes, "--data", write_images(tmp_path / "images", count=2),
+                     "--out", tmp_path / "lora", "--steps", "1", "--precision", "float32", "--eager", "--quiet"]) == 0
+    assert resolutions == [64]  # no --resolution: the model's own size
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_missing_builtin_model_is_one_error_line(tmp_path, monkeypatch, capfd):
+    name = "kerasdiffusion/shapes"
+    monkeypatch.setitem(sources.BUILTIN_MODELS, name, str(tmp_path / "absent"))
+    for command in (["generate", SHAPES_PROMPT, "--model", name, "--out", tmp_path / "x.png"],
+                    ["convert", name, tmp_path / "copy"], ["export", name, tmp_path / "diffusers"]):
+        assert run_here([*command, "--quiet"]) in (1, 2), command
+        lines = error_lines(capfd.readouterr().err)
+        assert len(lines) == 1 and f"built-in model {name!r} is missing" in lines[0], (command, lines)
+    assert os.listdir(tmp_path) == []

@@ -93,6 +93,9 @@ def test_diffusers_folder_loads_in_diffusers_as_the_source(sd1):
         assert_same_tensors(R.state_dict_numpy(getattr(loaded, network)), state_dicts(original)[network], network)
     for network in ("unet", "vae"):
         assert_same_configs(getattr(original, network), getattr(loaded, network), network)
+    # the model's own size: the source's UNet sample_size, carried through Components.image_size
+    assert loaded.unet.config.sample_size == original.unet.config.sample_size == sd1["components"].image_size // 8
+    assert loaded.vae.config.sample_size == sd1["components"].image_size
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
                 "layer_norm_eps", "vocab_size", "max_position_embeddings"):
         assert getattr(original.text_encoder.config, key) == getattr(loaded.text_encoder.config, key), key
@@ -198,6 +201,7 @@ def test_exports_load_back_bit_identical(request, family, form):
     assert_same_weights(back, model["components"])
     assert back.family is model["components"].family
     if form == "folder":
+        assert back.image_size == model["components"].image_size == 64
         assert back.scheduler_config == model["components"].scheduler_config
         assert back.tokenizer("a red fox").tolist() == model["components"].tokenizer("a red fox").tolist()
 

@@ -291,6 +291,35 @@ def test_from_components_and_components_that_disagree(sd):
         StableDiffusion.from_components({"diffusion_model": parts.diffusion_model})
 
 
+def test_the_default_size_is_the_models_own_as_in_diffusers(reference, sd):
+    """The tiny UNet's sample_size is 8 latents: a 64x64 model, here and in diffusers; a size given still wins."""
+    pipeline, folder = reference
+    own = StableDiffusion.from_pretrained(folder, jit_compile=R.JIT, precision="float32")
+    assert own.components.image_size == 8 * pipeline.unet.config.sample_size == 64
+    expected = reference_images(pipeline, prompt=PROMPT, num_inference_steps=1, guidance_scale=1.0)
+    assert own.text_to_image(PROMPT, num_steps=1, seed=0, verbose=False).shape == (1, *expected.shape[1:])
+    assert (own.img_width, own.img_height) == (64, 64)
+    wide = StableDiffusion.from_components(sd.components, img_width=SIZE + 16, jit_compile=R.JIT)
+    assert (wide.img_width, wide.img_height) == (SIZE + 16, 64)
+    assert wide.text_to_image(PROMPT, num_steps=1, seed=0, verbose=False).shape == (1, 64, SIZE + 16, 3)
+    lazy = StableDiffusion(source=folder, img_height=32, jit_compile=R.JIT, precision="float32")
+    assert lazy._components is None and (lazy.img_width, lazy.img_height) == (64, 32)  # the size loads the model
+
+
+def test_components_image_size_defaults_to_the_family_rule(sd):
+    import dataclasses
+
+    from kerasdiffusion import config as C
+
+    parts = sd.components
+    assert dataclasses.replace(parts, image_size=None).image_size == 512
+    v_prediction = dataclasses.replace(parts.scheduler_config, prediction_type="v_prediction")
+    assert dataclasses.replace(parts, family=C.SD2, scheduler_config=v_prediction, image_size=None).image_size == 768
+    assert dataclasses.replace(parts, family=C.SD2, image_size=None).image_size == 512  # SD 2.x base: epsilon
+    with pytest.raises(ValueError, match="image size 60 is not a positive multiple of 8"):
+        dataclasses.replace(parts, image_size=60)
+
+
 def test_image_to_image_and_legacy_inpaint_run(sd):
     sd.scheduler = "ddim"
     image = np.random.default_rng(2).integers(0, 256, (SIZE, SIZE + 16, 3), dtype=np.uint8)

@@ -6,6 +6,7 @@ revision -> commit -> snapshot resolution that runs is huggingface_hub's.
 """
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -92,8 +93,8 @@ def entries(cache):
 
 
 def load(source, **options):
-    return StableDiffusion.from_pretrained(source, img_width=64, img_height=64, jit_compile=False, precision="float32",
-                                           **options)
+    options = {"img_width": 64, "img_height": 64, **options}
+    return StableDiffusion.from_pretrained(source, jit_compile=False, precision="float32", **options)
 
 
 def assert_same_weights(a, b):
@@ -107,6 +108,7 @@ def test_hub_id_loads_offline_and_matches_the_local_folder(offline_hub, kd_cache
     from_hub = load(REPO).text_to_image(PROMPT, num_steps=2, seed=1, verbose=False)
     from_folder = load(diffusers_folder).text_to_image(PROMPT, num_steps=2, seed=1, verbose=False)
     np.testing.assert_array_equal(from_hub, from_folder)
+    assert sources.resolve(REPO).image_size == 64  # the repository's unet/config.json: sample_size 8
     assert from_hub.std() > 5
     assert any(name.startswith("tiny-org--tiny-sd-") for name in entries(kd_cache))
 
@@ -335,3 +337,100 @@ def test_source_kinds(diffusers_folder, tmp_path):
         sources.source_kind(tmp_path / "notes.txt")
     with pytest.raises(ValueError, match="neither a diffusers folder"):
         sources.source_kind(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- built-in models
+
+
+def test_builtin_name_is_read_from_the_package_offline_and_never_cached(builtin_shapes, tiny_shapes_folder, kd_cache,
+                                                                        conversions, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked for a built-in model")
+
+    monkeypatch.setattr(sources, "_snapshot", no_hub)
+    assert sources.is_builtin(builtin_shapes) and not sources.is_hub_id(builtin_shapes)
+    assert sources.source_kind(builtin_shapes) == "builtin"
+    converted = sources.resolve(builtin_shapes)
+    assert converted.source == builtin_shapes and converted.image_size == 64
+    assert_same_weights(converted, C.convert_source(tiny_shapes_folder))
+    assert conversions == [] and entries(kd_cache) == []
+    assert sources.model_name(builtin_shapes) == builtin_shapes
+    assert sources.model_hash(builtin_shapes) == sources.model_hash(tiny_shapes_folder) is not None
+    with pytest.raises(ValueError, match="applies to Hub ids only"):
+        sources.check_revision(builtin_shapes, "main")
+
+
+def test_builtin_name_takes_precedence_over_a_local_folder_of_that_name(builtin_shapes, tmp_path, monkeypatch):
+    (tmp_path / "kerasdiffusion" / "shapes").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert sources.source_kind(builtin_shapes) == "builtin"
+    with pytest.raises(ValueError, match="neither a diffusers folder"):
+        sources.source_kind("./kerasdiffusion/shapes")
+
+
+def test_a_missing_builtin_folder_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sources.BUILTIN_MODELS, "kerasdiffusion/shapes", str(tmp_path / "absent"))
+    for call in (sources.source_kind, sources.resolve, sources.model_hash, lambda name: load(name)):
+        with pytest.raises(FileNotFoundError, match="built-in model 'kerasdiffusion/shapes' is missing"):
+            call("kerasdiffusion/shapes")
+
+
+def test_the_shipped_builtin_model_is_issue_16s_and_runs_at_64_pixels(shipped_shapes):
+    """The package's own weights (skipped until they are committed): float16, the configs issue 16 trained, and
+    64x64 images by default, loaded by name alone."""
+    from kerasdiffusion import config
+
+    converted = sources.resolve(shipped_shapes)
+    assert converted.image_size == 64 and converted.tokenizer_dir is None  # the shipped CLIP vocabulary
+    assert {array.dtype.name for weights in converted.weights.values() for array in weights.values()} == {"float16"}
+    text_encoder = config.text_encoder_config_from_weights(converted.weights["text_encoder"])
+    unet = config.unet_config_from_weights(converted.weights["unet"])
+    vae = config.vae_config_from_weights(converted.weights["vae"])
+    assert config.family_from_weights(converted.weights["text_encoder"]) is config.SD1
+    assert (text_encoder.width, text_encoder.num_layers, text_encoder.mlp_dim, text_encoder.vocab_size) == (
+        64, 2, 256, 49408)
+    assert (unet.block_channels, unet.attention_levels, unet.layers_per_level, unet.context_dim, unet.num_heads) == (
+        (64, 96, 96), (True, True, True), 1, 64, 8)
+    assert (vae.block_channels, vae.layers_per_level) == ((32, 64, 64, 64), 1)
+    images = load(shipped_shapes, img_width=None, img_height=None).text_to_image(
+        "a red circle on a blue background", num_steps=2, seed=0, verbose=False)
+    assert images.shape == (1, 64, 64, 3) and images.std() > 1
+
+
+# ------------------------------------------------------------------------------------------ the image size
+
+
+def test_image_size_is_read_recorded_and_cached(diffusers_folder, kd_cache, tmp_path):
+    """The tiny UNet's sample_size of 8 latents is a 64-pixel model: read from unet/config.json, written into the
+    converted folder's manifest and the cache's entry, and read back from both."""
+    assert sources.resolve(diffusers_folder).image_size == 64
+    (entry,) = entries(kd_cache)
+    manifest = kd_cache / "converted" / entry / C.MANIFEST
+    assert readers.read_json_object(manifest)["image_size"] == 64
+    assert sources.resolve(diffusers_folder).image_size == 64  # from the entry
+    save_converted(sources.resolve(diffusers_folder), tmp_path / "converted")
+    assert sources.resolve(tmp_path / "converted").image_size == 64
+
+
+def test_entries_and_folders_without_an_image_size_fall_back(diffusers_folder, kd_cache, tmp_path):
+    """Written before the size was recorded: a cache entry of a diffusers folder reads it from the folder's UNet
+    config; a converted folder has none, and `load_components` applies the family's rule."""
+    sources.resolve(diffusers_folder)
+    (entry,) = entries(kd_cache)
+    for folder in (kd_cache / "converted" / entry, tmp_path / "converted"):
+        if not folder.exists():
+            save_converted(sources.resolve(diffusers_folder), folder)
+        manifest = folder / C.MANIFEST
+        recorded = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({k: v for k, v in recorded.items() if k != "image_size"}))
+    assert sources.resolve(diffusers_folder).image_size == 64
+    assert sources.resolve(tmp_path / "converted").image_size is None
+    assert load(tmp_path / "converted", img_width=None, img_height=None).img_width == 512
+
+
+def test_bad_recorded_image_sizes_are_named(diffusers_folder, tmp_path):
+    save_converted(sources.resolve(diffusers_folder, use_cache=False), tmp_path / "converted")
+    manifest = tmp_path / "converted" / C.MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "image_size": "64"}))
+    with pytest.raises(ValueError, match="image size '64' is not a positive integer"):
+        sources.resolve(tmp_path / "converted")

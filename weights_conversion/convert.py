@@ -29,6 +29,9 @@ MANIFEST = "kerasdiffusion.json"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# Image pixels per latent along each side (the VAE halves the image three times): a diffusers UNet's
+# sample_size is the latent side, the image side over this.
+VAE_SCALE = 8
 # numpy dtype -> safetensors dtype code, the readers' table turned round (bfloat16 is only ever read).
 SAFETENSORS_DTYPES = {np.dtype(dtype).newbyteorder("="): code
                       for code, dtype in readers.SAFETENSORS_DTYPES.items() if code != "BF16"}
@@ -42,6 +45,9 @@ class Converted:
     scheduler_config: dict | None = None  # a diffusers scheduler_config.json, when the source has one
     tokenizer_dir: str | None = None  # a folder with vocab.json + merges.txt, when the source has one
     source: str = ""
+    # The image side (pixels) the model was trained at, when the source says it (a diffusers UNet's sample_size,
+    # a converted folder's manifest); None otherwise, and the model family's rule applies when it is loaded.
+    image_size: int | None = None
 
 
 def is_converted_folder(path):
@@ -62,6 +68,28 @@ def _tokenizer_dir(path):
     folder = os.path.join(path, "tokenizer")
     has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
     return folder if (has("vocab.json") and has("merges.txt")) or has("tokenizer.json") else None
+
+
+def _image_size(value, where):
+    """A positive whole number of pixels, or None where the source does not say one."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{where}: the image size {value!r} is not a positive integer")
+    return value
+
+
+def diffusers_image_size(path):
+    """The image side a diffusers folder's UNet was trained at: its ``sample_size`` (latents) times `VAE_SCALE`.
+
+    A ``[height, width]`` sample size (diffusers allows one) names a non-square model: left to the family's rule.
+    """
+    config = _read_json(os.path.join(path, "unet", "config.json")) or {}
+    sample_size = config.get("sample_size")
+    if isinstance(sample_size, list):
+        return None
+    sample_size = _image_size(sample_size, os.path.join(path, "unet", "config.json"))
+    return None if sample_size is None else sample_size * VAE_SCALE
 
 
 def _convert_networks(state_dicts):
@@ -90,7 +118,9 @@ def _load_converted_folder(path, lazy=False):
     source = manifest.get("source", path)
     if not isinstance(source, str):
         raise CheckpointError(f"{path}: {MANIFEST} gives a source that is not a string")
-    return Converted(weights, scheduler, _tokenizer_dir(path), source)
+    # Folders written before the image size was recorded have none: the family's rule applies.
+    image_size = _image_size(manifest.get("image_size"), os.path.join(path, MANIFEST))
+    return Converted(weights, scheduler, _tokenizer_dir(path), source, image_size)
 
 
 def convert_source(path, lazy=False):
@@ -112,7 +142,7 @@ def convert_source(path, lazy=False):
         if is_diffusers_folder(path):
             weights = _convert_networks(readers.read_diffusers_folder(path))
             scheduler = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-            return Converted(weights, scheduler, _tokenizer_dir(path), path)
+            return Converted(weights, scheduler, _tokenizer_dir(path), path, diffusers_image_size(path))
         raise CheckpointError(f"{path!r} is a folder but neither a diffusers folder (no unet/) nor a "
                               f"converted one (no {MANIFEST}).")
     if not path.endswith(SINGLE_FILE_SUFFIXES):
@@ -138,6 +168,8 @@ def save_converted(converted, output_dir):
                 if os.path.isfile(file):
                     shutil.copy(file, os.path.join(staging, "tokenizer", name))
         manifest = {"format_version": FORMAT_VERSION, "source": converted.source}
+        if converted.image_size is not None:
+            manifest["image_size"] = converted.image_size
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
     return os.path.abspath(output_dir)

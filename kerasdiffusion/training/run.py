@@ -44,7 +44,7 @@ class RunSettings:
     model: str
     data: str
     out: str
-    resolution: int = 512
+    resolution: int | None = None  # None: the model's own image size (`Components.image_size`)
     batch_size: int = 1
     steps: int = 1000
     learning_rate: float = 1e-4
@@ -201,10 +201,12 @@ def make_trainer(settings, components):
                    noise_offset=settings.noise_offset, seed=settings.seed)
 
 
-def make_dataset(settings, tokenizer):
+def make_dataset(settings, tokenizer, image_size):
+    """The run's training data, in ``settings.resolution`` crops (else ``image_size``, the model's own)."""
     def folder(path, prompt, seed):
-        return image_caption_dataset(path, resolution=settings.resolution, batch_size=settings.batch_size,
-                                     tokenizer=tokenizer, caption=prompt, repeat=True, seed=seed)
+        return image_caption_dataset(path, resolution=settings.resolution or image_size,
+                                     batch_size=settings.batch_size, tokenizer=tokenizer, caption=prompt, repeat=True,
+                                     seed=seed)
 
     data = folder(settings.data, settings.prompt, settings.seed)
     if settings.method == "dreambooth":
@@ -260,7 +262,7 @@ def train(settings, components=None, log=print):
     # optimizer makes `fit` take a batch from the data to build the step, which a resumed run would not.
     trainer.optimizer.build(trainer.trainable_variables)
     first_step = restore_checkpoint(trainer, resume_from) if resume_from else 0
-    data = make_dataset(settings, trainer.tokenizer).skip(first_step)
+    data = make_dataset(settings, trainer.tokenizer, components.image_size).skip(first_step)
     callbacks = [CheckpointEvery(checkpoint_path(settings), settings.checkpoint_every, first_step, settings.steps,
                                  settings.recorded())]
     if not settings.quiet:
