@@ -1,8 +1,10 @@
-"""The Colab notebooks run top to bottom against a tiny random model, so that they cannot rot.
+"""The Colab notebooks run top to bottom, so that they cannot rot.
 
-Each notebook's cell tagged ``parameters`` holds full-size Colab values; as papermill does, a cell with
-test values is inserted right after it (tiny local models, 64x64, 2 steps, float32, no XLA). The test then
-runs the notebook in a fresh python3 kernel and checks that no cell failed and that images were shown.
+Each notebook's cell tagged ``parameters`` holds its Colab values; as papermill does, a cell with test values is
+inserted right after it (2 steps, float32, no XLA). The notebooks whose model is the built-in
+``kerasdiffusion/shapes`` run with it, at its own size, as a user sees them (skipped until its weights are in the
+package); the one that needs a file of the user's (conversion) gets a tiny random checkpoint. The test runs each
+notebook in a fresh python3 kernel and checks that no cell failed and that images were shown.
 """
 
 import ast
@@ -14,6 +16,7 @@ import pytest
 import safetensors.numpy
 
 from tests import reference as R
+from tests.builtin import SHAPES
 from tests.ldm_fixtures import diffusers_to_ldm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -21,7 +24,18 @@ COLAB = REPO / "colab"
 # Each notebook, and how many images it shows.
 NOTEBOOKS = {"text_to_image.ipynb": 4, "image_to_image_and_inpainting.ipynb": 5, "convert_your_checkpoint.ipynb": 1,
              "tpu_batch_generation.ipynb": 1}
-TINY = dict(WIDTH=64, HEIGHT=64, STEPS=2, JIT_COMPILE=False, PRECISION="float32")
+FAST = dict(STEPS=2, JIT_COMPILE=False, PRECISION="float32")
+TINY = dict(WIDTH=64, HEIGHT=64, **FAST)
+# The notebooks whose default model is the built-in one, and their test values (its model and size kept).
+BUILTIN_PARAMETERS = {
+    "text_to_image.ipynb": FAST,
+    "image_to_image_and_inpainting.ipynb": dict(STRENGTHS=(0.5, 1.0), **FAST),
+    # Three images over two logical CPU devices: a batch that does not divide evenly.
+    "tpu_batch_generation.ipynb": dict(PROMPTS=["a red circle on a blue background",
+                                                "a small green square on the left, white background",
+                                                "a large black triangle at the top, yellow background"],
+                                       IMAGES_PER_PROMPT=1, BATCH_SIZE=3, CPU_DEVICES=2, **FAST),
+}
 CELL_TIMEOUT_S = 300
 
 
@@ -35,9 +49,14 @@ def parameters_cell(notebook):
     return cells[0]
 
 
-def assigned_names(source):
-    return {target.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+def assignments(source):
+    """``{name: value node}`` of a cell's top-level assignments."""
+    return {target.id: node.value for node in ast.parse(source).body if isinstance(node, ast.Assign)
             for target in node.targets if isinstance(target, ast.Name)}
+
+
+def assigned_names(source):
+    return set(assignments(source))
 
 
 def with_parameters(notebook, values):
@@ -64,30 +83,21 @@ def write_single_file_checkpoint(pipeline, path):
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_models")
-    pipeline = R.make_reference_pipeline()
-    pipeline.save_pretrained(folder / "diffusers")
-    R.make_reference_pipeline(unet_in_channels=9, seed=3).save_pretrained(folder / "inpainting")
-    return {
-        "diffusers": str(folder / "diffusers"),
-        "inpainting": str(folder / "inpainting"),
-        "checkpoint": write_single_file_checkpoint(pipeline, folder / "finetune.safetensors"),
-        "converted": str(folder / "converted"),
-    }
+def user_checkpoint(tmp_path_factory):
+    """A tiny random single-file checkpoint, the user's file of the conversion notebook, and where to convert it."""
+    folder = tmp_path_factory.mktemp("user_checkpoint")
+    return {"checkpoint": write_single_file_checkpoint(R.make_reference_pipeline(), folder / "finetune.safetensors"),
+            "converted": str(folder / "converted")}
 
 
-def tiny_parameters(name, models):
-    return {
-        "text_to_image.ipynb": dict(MODEL=models["diffusers"], **TINY),
-        "image_to_image_and_inpainting.ipynb": dict(MODEL=models["diffusers"], INPAINT_MODEL=models["inpainting"],
-                                                    STRENGTHS=(0.5, 1.0), **TINY),
-        "convert_your_checkpoint.ipynb": dict(CHECKPOINT=models["checkpoint"], CONVERTED=models["converted"], **TINY),
-        # Three images over two logical CPU devices: a batch that does not divide evenly.
-        "tpu_batch_generation.ipynb": dict(MODEL=models["diffusers"], PROMPTS=["a red cube", "a blue ball", "a cone"],
-                                           IMAGES_PER_PROMPT=1, BATCH_SIZE=3, CPU_DEVICES=2,
-                                           **{**TINY, "WIDTH": 32, "HEIGHT": 32}),
-    }[name]
+def run_parameters(name, request):
+    """The values ``name`` runs with in the tests: the built-in model's notebooks keep their model and its own size
+    (skipped until its weights are in the package); the conversion notebook converts a tiny checkpoint."""
+    if name in BUILTIN_PARAMETERS:
+        request.getfixturevalue("shipped_shapes")
+        return BUILTIN_PARAMETERS[name]
+    models = request.getfixturevalue("user_checkpoint")
+    return dict(CHECKPOINT=models["checkpoint"], CONVERTED=models["converted"], **TINY)
 
 
 @pytest.fixture
@@ -121,11 +131,19 @@ def test_notebook_is_clean_colab_notebook(name):
     assert {"WIDTH", "HEIGHT", "STEPS", "PRECISION", "JIT_COMPILE"} <= assigned_names(code[1].source)
 
 
+@pytest.mark.parametrize("name", BUILTIN_PARAMETERS)
+def test_notebook_defaults_to_the_builtin_model_at_its_own_size(name):
+    notebook = read(name)
+    values = assignments(notebook.cells[parameters_cell(notebook)].source)
+    assert ast.literal_eval(values["MODEL"]) == SHAPES
+    assert ast.literal_eval(values["WIDTH"]) is None and ast.literal_eval(values["HEIGHT"]) is None
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_top_to_bottom(name, tiny_models, kernel_env, tmp_path):
+def test_notebook_runs_top_to_bottom(name, request, kernel_env, tmp_path):
     from nbclient import NotebookClient
 
-    notebook = with_parameters(read(name), tiny_parameters(name, tiny_models))
+    notebook = with_parameters(read(name), run_parameters(name, request))
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
