@@ -25,12 +25,22 @@ Frozen weights are not trainable, so the optimizer keeps no state for them.
 
 Example:
 
->>> from kerasdiffusion import training                                          # doctest: +SKIP
+>>> import os, tempfile
+>>> import keras
+>>> import kerasdiffusion as kd
+>>> from kerasdiffusion import shapes, training
+>>> sd = kd.StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+>>> photos = tempfile.mkdtemp()
+>>> _ = shapes.write_dataset(photos, seed=0, count=2)  # pictures with same-name .txt captions
 >>> trainer = training.Trainer(sd, method="lora", rank=4)
->>> data = training.image_caption_dataset("photos/", resolution=512, tokenizer=trainer.tokenizer)
+>>> data = training.image_caption_dataset(photos, resolution=64, tokenizer=trainer.tokenizer)
 >>> trainer.compile(optimizer=keras.optimizers.AdamW(1e-4))
->>> trainer.fit(data, epochs=10)
->>> trainer.save("style.safetensors", format="kohya")
+>>> history = trainer.fit(data, epochs=2, verbose=0)
+>>> len(history.history["loss"])
+2
+>>> path = trainer.save(os.path.join(tempfile.mkdtemp(), "style.safetensors"), format="kohya")
+>>> sd.load_lora(path)
+'style'
 """
 
 import contextlib
@@ -253,8 +263,17 @@ class Trainer(keras.Model):
 
         Example:
 
-        >>> photos = training.image_caption_dataset("photos/", tokenizer=trainer.tokenizer)  # doctest: +SKIP
-        >>> trainer.fit(trainer.cache_latents(photos), epochs=100)
+        >>> import tempfile
+        >>> import kerasdiffusion as kd
+        >>> from kerasdiffusion import shapes, training
+        >>> trainer = training.Trainer(kd.load_components("kerasdiffusion/shapes"), method="lora")
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = shapes.write_dataset(folder, seed=0, count=4)
+        >>> photos = training.image_caption_dataset(folder, resolution=64, batch_size=2, tokenizer=trainer.tokenizer)
+        >>> cached = trainer.cache_latents(photos)  # then trainer.fit(cached, epochs=100)
+        >>> batch = next(iter(cached))
+        >>> sorted(batch), tuple(batch["moments"].shape)  # the posterior's mean and log-variance: 2 x 4 channels
+        (['moments', 'token_ids'], (2, 8, 8, 8))
         """
         import tensorflow as tf
 
@@ -342,7 +361,13 @@ class Trainer(keras.Model):
 
         Example:
 
-        >>> trainer.save("style.safetensors", format="kohya")                   # doctest: +SKIP
+        >>> import os, tempfile
+        >>> import kerasdiffusion as kd
+        >>> from kerasdiffusion import training
+        >>> trainer = training.Trainer(kd.load_components("kerasdiffusion/shapes"), method="lora")
+        >>> path = trainer.save(os.path.join(tempfile.mkdtemp(), "style.safetensors"), format="kohya")
+        >>> os.path.basename(path)
+        'style.safetensors'
         """
         formats = SAVE_FORMATS[self.method]
         format = format or formats[0]
