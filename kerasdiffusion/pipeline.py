@@ -322,7 +322,7 @@ class StableDiffusion:
         ('style', {'style': 0.8})
         >>> sd.unload_lora(name)
 
-        A LoRA downloaded for Stable Diffusion 1.5 loads the same way:
+        A file of yours, made for the model loaded (this one is for Stable Diffusion 1.5):
 
         >>> name = sd.load_lora("watercolor.safetensors", scale=0.8)                 # doctest: +SKIP
         """
@@ -414,7 +414,7 @@ class StableDiffusion:
         >>> tuple(sd.encode_text("a my-shape on a blue background").shape)
         (1, 77, 64)
 
-        An AUTOMATIC1111 embedding for Stable Diffusion 1.5:
+        A file of yours, made for the model loaded (this one is for Stable Diffusion 1.5):
 
         >>> sd.load_textual_inversion("EasyNegative.safetensors")                     # doctest: +SKIP
         'EasyNegative'

@@ -15,7 +15,8 @@ Example:
 >>> assign_weights(model, {"fc/kernel": np.ones((2, 2))}, "example")
 Traceback (most recent call last):
 ...
-weights_conversion.errors.CheckpointError: example weights do not fit the model: missing tensors: fc/bias; mis-shaped tensors: fc/kernel (checkpoint (2, 2), model (3, 2))
+weights_conversion.errors.CheckpointError: example weights do not fit the model: missing tensors: fc/bias;
+mis-shaped tensors: fc/kernel (checkpoint (2, 2), model (3, 2))
 """
 
 import numpy as np

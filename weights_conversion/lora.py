@@ -43,7 +43,9 @@ Example:
 >>> path = write_lora(os.path.join(tempfile.mkdtemp(), "style.safetensors"), {"unet": [update]}, format="kohya")
 >>> state_dict, metadata = read_lora(path)
 >>> sorted(state_dict)
-['lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha', 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight', 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight']
+['lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha',
+ 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight',
+ 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight']
 >>> updates = lora_updates(state_dict, {"unet": unet_shapes}, metadata)
 >>> list(updates["unet"]), updates["text_encoder"]
 (['down0_attn0_block0_self_q/kernel'], {})
@@ -518,7 +520,9 @@ def write_lora(path, updates, format="diffusers"):
     ...                     down=np.ones((4, 64), "float32"), scale=0.25)
     >>> path = write_lora(os.path.join(tempfile.mkdtemp(), "style.safetensors"), {"unet": [update]}, format="kohya")
     >>> sorted(read_lora(path)[0])
-    ['lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha', 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight', 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight']
+    ['lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha',
+     'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight',
+     'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight']
     """
     state_dict, metadata = lora_state_dict(updates, format)
     if not state_dict:
