@@ -78,6 +78,5 @@ def test_docstring_examples(name):
     assert not runner.failed_examples, f"{len(runner.failed_examples)} failing example(s) in {name}:\n\n" + "\n\n".join(
         runner.failed_examples)
     if left_out:
-        pytest.skip(f"the built-in model's weights are not in the package folder; not run: {', '.join(left_out)} "
-                    f"({SHAPES})")
+        pytest.skip(f"{SHAPES}: its weights are not in the package folder; not run: {', '.join(left_out)}")
 
