@@ -12,6 +12,7 @@ import doctest
 import importlib
 import pkgutil
 import re
+import traceback
 
 import pytest
 
@@ -52,11 +53,11 @@ class _Collecting(doctest.DocTestRunner):
 
     def report_failure(self, out, test, example, got):
         self.failed_examples.append(f"{self._where(test, example)}\n>>> {example.source.rstrip()}\n"
-                             f"expected:\n{example.want}got:\n{got}")
+                                    f"expected:\n{example.want}got:\n{got}")
 
     def report_unexpected_exception(self, out, test, example, exc_info):
         self.failed_examples.append(f"{self._where(test, example)}\n>>> {example.source.rstrip()}\n"
-                             f"raised:\n{doctest._exception_traceback(exc_info)}")
+                                    f"raised:\n{''.join(traceback.format_exception(*exc_info))}")
 
 
 def _loads_builtin(test):
@@ -75,8 +76,8 @@ def test_docstring_examples(name):
             left_out.append(test.name)
             continue
         runner.run(test, out=lambda text: None)
-    assert not runner.failed_examples, f"{len(runner.failed_examples)} failing example(s) in {name}:\n\n" + "\n\n".join(
-        runner.failed_examples)
+    failed = runner.failed_examples
+    assert not failed, f"{len(failed)} failing example(s) in {name}:\n\n" + "\n\n".join(failed)
     if left_out:
         pytest.skip(f"{SHAPES}: its weights are not in the package folder; not run: {', '.join(left_out)}")
 
