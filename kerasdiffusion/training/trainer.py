@@ -23,24 +23,19 @@ callbacks work as for any model. What is trained:
 
 Frozen weights are not trainable, so the optimizer keeps no state for them.
 
-Example:
+Example (`kerasdiffusion.training` shows a whole ``compile`` / ``fit`` / ``save``):
 
->>> import os, tempfile
->>> import keras
 >>> import kerasdiffusion as kd
->>> from kerasdiffusion import shapes, training
->>> sd = kd.StableDiffusion.from_pretrained("kerasdiffusion/shapes")
->>> photos = tempfile.mkdtemp()
->>> _ = shapes.write_dataset(photos, seed=0, count=2)  # pictures with same-name .txt captions
->>> trainer = training.Trainer(sd, method="lora", rank=4)
->>> data = training.image_caption_dataset(photos, resolution=64, tokenizer=trainer.tokenizer)
->>> trainer.compile(optimizer=keras.optimizers.AdamW(1e-4))
->>> history = trainer.fit(data, epochs=2, verbose=0)
->>> len(history.history["loss"])
-2
->>> path = trainer.save(os.path.join(tempfile.mkdtemp(), "style.safetensors"), format="kohya")
->>> sd.load_lora(path)
-'style'
+>>> from kerasdiffusion import training
+>>> parts = kd.load_components("kerasdiffusion/shapes")
+>>> trainer = training.Trainer(parts, method="textual_inversion", token="my-shape", num_vectors=2)
+>>> [(variable.path, tuple(variable.shape)) for variable in trainer.trainable_variables]  # the networks are frozen
+[('trainer/token_vectors', (2, 64))]
+>>> trainer = training.Trainer(parts, method="lora", rank=4)
+>>> [variable.path for variable in trainer.trainable_variables][:2]  # per adapted kernel: down [in, r], up [r, out]
+['unet_lora_down0_attn0_block0_self_q_kernel/down', 'unet_lora_down0_attn0_block0_self_q_kernel/up']
+>>> len(training.Trainer(parts, method="full").trainable_variables) == len(parts.diffusion_model.weights)
+True
 """
 
 import contextlib
