@@ -5,9 +5,12 @@ command line's argument checks answer before TensorFlow is imported.
 
 Example:
 
-    >>> import kerasdiffusion as kd                                      # doctest: +SKIP
-    >>> sd = kd.StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
-    >>> sd.text_to_image("a watercolor fox", num_steps=25, seed=0).shape
+    >>> import kerasdiffusion as kd
+    >>> sd = kd.StableDiffusion.from_pretrained("kerasdiffusion/shapes")  # built in, 64x64
+    >>> sd.text_to_image("a red circle on a blue background", num_steps=2, seed=0).shape
+    (1, 64, 64, 3)
+    >>> sd = kd.StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")  # doctest: +SKIP
+    >>> sd.text_to_image("a watercolor fox", num_steps=25, seed=0).shape                         # doctest: +SKIP
     (1, 512, 512, 3)
 """
 

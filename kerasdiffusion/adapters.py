@@ -11,12 +11,37 @@ current one (LoRAs fused in it included).
 
 Example:
 
->>> import kerasdiffusion as kd                                                     # doctest: +SKIP
->>> sd = kd.StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
->>> name = sd.load_lora("watercolor.safetensors", scale=0.8)   # kohya / A1111 or diffusers / PEFT
+>>> import os, tempfile
+>>> import numpy as np
+>>> import kerasdiffusion as kd
+>>> from kerasdiffusion import training
+>>> sd = kd.StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+>>> folder = tempfile.mkdtemp()
+>>> trainer = training.Trainer(sd, method="lora", seed=0)
+>>> for factors in trainer.lora_factors:  # non-zero, as after training
+...     _ = factors.up.assign(np.full(factors.up.shape, 0.01, "float32"))
+>>> lora = trainer.save(os.path.join(folder, "style.safetensors"), format="kohya")
+>>> def unet_weights():
+...     return [np.array(variable) for variable in sd.diffusion_model.weights]
+>>> original = unet_weights()
+>>> name = sd.load_lora(lora, scale=0.8)   # kohya / A1111 or diffusers / PEFT
 >>> sd.set_lora_scale(name, 0.5)
->>> sd.unload_lora(name)                                        # the original weights, exactly
->>> sd.load_textual_inversion("EasyNegative.safetensors")       # the token "EasyNegative"
+>>> any(not np.array_equal(now, before) for now, before in zip(unet_weights(), original))
+True
+>>> sd.unload_lora(name)                   # the original weights, exactly
+>>> all(np.array_equal(now, before) for now, before in zip(unet_weights(), original))
+True
+>>> embedding = training.Trainer(sd, method="textual_inversion", token="my-shape").save(folder)
+>>> sd.load_textual_inversion(embedding)   # A1111 .pt / .safetensors or diffusers' learned_embeds
+'my-shape'
+
+Files made for Stable Diffusion 1.5 load into it the same way:
+
+>>> sd = kd.StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")  # doctest: +SKIP
+>>> sd.load_lora("watercolor.safetensors", scale=0.8)                                      # doctest: +SKIP
+'watercolor'
+>>> sd.load_textual_inversion("EasyNegative.safetensors")                                  # doctest: +SKIP
+'EasyNegative'
 """
 
 import dataclasses

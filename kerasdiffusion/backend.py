@@ -21,7 +21,7 @@ Example:
 >>> layer = keras.layers.Dense(2)
 >>> layer.build((None, 3))
 >>> double = compile_function(lambda x: 2 * layer(x), layer.weights)
->>> double(np.ones((1, 3), "float32")).shape
+>>> tuple(double(np.ones((1, 3), "float32")).shape)
 (1, 2)
 """
 

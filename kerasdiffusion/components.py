@@ -7,11 +7,13 @@ from a source with `load_components`, or from networks of your own with the cons
 
 Example:
 
->>> import kerasdiffusion as kd                                                   # doctest: +SKIP
->>> parts = kd.load_components("stable-diffusion-v1-5/stable-diffusion-v1-5")
->>> parts.family.name, parts.scheduler_config.prediction_type
-('sd1', 'epsilon')
->>> sd = kd.StableDiffusion.from_components(parts, img_width=512, img_height=512)
+>>> import kerasdiffusion as kd
+>>> parts = kd.load_components("kerasdiffusion/shapes")
+>>> parts.family.name, parts.scheduler_config.prediction_type, parts.image_size
+('sd1', 'epsilon', 64)
+>>> sd = kd.StableDiffusion.from_components(parts, img_width=128, img_height=128)
+>>> sd.img_width, sd.components is parts
+(128, True)
 """
 
 import dataclasses
@@ -163,8 +165,11 @@ def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None,
 
     Example:
 
-    >>> parts = load_components("v1-5-pruned-emaonly.safetensors", precision="float32")   # doctest: +SKIP
-    >>> parts.image_size                                                                  # doctest: +SKIP
+    >>> parts = load_components("kerasdiffusion/shapes", precision="float32")
+    >>> parts.image_size, parts.precision, sorted(parts.networks)
+    (64, 'float32', ['decoder', 'diffusion_model', 'image_encoder', 'text_encoder'])
+    >>> parts = load_components("v1-5-pruned-emaonly.safetensors")   # doctest: +SKIP
+    >>> parts.image_size                                             # doctest: +SKIP
     512
     """
     check_precision(precision)

@@ -17,9 +17,16 @@ index (`kerasdiffusion.seeds`), so the images do not depend on the split.
 
 Example:
 
->>> import tensorflow as tf                                                      # doctest: +SKIP
->>> sd = kd.StableDiffusion(distribution=tf.distribute.MirroredStrategy())
->>> sd.text_to_image("a lighthouse at dusk", batch_size=8, seed=1).shape
+>>> import kerasdiffusion as kd
+>>> sd = kd.StableDiffusion(source="kerasdiffusion/shapes", distribution=local_distribution())  # every device here
+>>> sd.text_to_image("a red circle on a blue background", batch_size=3, num_steps=2, seed=1).shape
+(3, 64, 64, 3)
+
+Or a strategy of your own (TensorFlow), e.g. over the GPUs of this machine:
+
+>>> import tensorflow as tf                                                                # doctest: +SKIP
+>>> sd = kd.StableDiffusion(distribution=tf.distribute.MirroredStrategy())                 # doctest: +SKIP
+>>> sd.text_to_image("a lighthouse at dusk", batch_size=8, seed=1).shape                   # doctest: +SKIP
 (8, 512, 512, 3)
 """
 
@@ -213,7 +220,10 @@ def local_distribution(count=None):
 
     Example:
 
-    >>> sd = kd.StableDiffusion(distribution=local_distribution())                  # doctest: +SKIP
+    >>> import kerasdiffusion as kd
+    >>> local_distribution(1) is None  # one device: no distribution
+    True
+    >>> sd = kd.StableDiffusion(source="kerasdiffusion/shapes", distribution=local_distribution())
     """
     devices = keras.distribution.list_devices()
     if count is not None:

@@ -8,10 +8,16 @@ model. Nothing is left under the output's name unless the export completes.
 
 Example:
 
->>> import kerasdiffusion as kd                                                       # doctest: +SKIP
->>> parts = kd.load_components("v1-5-pruned-emaonly.safetensors")
->>> kd.export(parts, "sd15-diffusers/")                                # a diffusers folder
->>> kd.export(parts, "sd15.safetensors", format="single-file")         # one original checkpoint
+>>> import os, tempfile
+>>> import kerasdiffusion as kd
+>>> parts = kd.load_components("kerasdiffusion/shapes")
+>>> folder = tempfile.mkdtemp()
+>>> diffusers = kd.export(parts, os.path.join(folder, "shapes-diffusers"))             # a diffusers folder
+>>> sorted(os.listdir(diffusers))
+['model_index.json', 'scheduler', 'text_encoder', 'tokenizer', 'unet', 'vae']
+>>> single = kd.export(parts, os.path.join(folder, "shapes.safetensors"), format="single-file")  # one checkpoint
+>>> os.path.basename(single)
+'shapes.safetensors'
 """
 
 import dataclasses
@@ -46,7 +52,13 @@ def export(components, out, format="diffusers"):
 
     Example:
 
-    >>> kd.export(sd.components, "my-model/", format="diffusers")   # doctest: +SKIP
+    >>> import os, tempfile
+    >>> import kerasdiffusion as kd
+    >>> sd = kd.StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+    >>> path = kd.export(sd.components, os.path.join(tempfile.mkdtemp(), "my-model"), format="diffusers")
+    >>> again = kd.load_components(path, cache=False)  # loads back as the same model
+    >>> again.family.name, again.image_size
+    ('sd1', 64)
     """
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; expected one of {', '.join(FORMATS)}")

@@ -584,8 +584,21 @@ def run_job(sd, job, folder, worker=None, progress=True):
 
     Example:
 
-    >>> job = read_job("prompts.jsonl", JobSettings(seed=1, num_steps=25, batch_size=8))   # doctest: +SKIP
-    >>> print(run_job(sd, job, "out"))                                                   # doctest: +SKIP
+    >>> import os, tempfile
+    >>> import kerasdiffusion as kd
+    >>> sd = kd.StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+    >>> folder = tempfile.mkdtemp()
+    >>> prompts = os.path.join(folder, "prompts.txt")
+    >>> with open(prompts, "w") as file:
+    ...     _ = file.write("a red circle on a blue background\\na green square on a white background\\n")
+    >>> job = read_job(prompts, JobSettings(seed=1, num_steps=2, batch_size=2))
+    >>> summary = run_job(sd, job, os.path.join(folder, "out"), progress=False)
+    >>> summary.made, summary.skipped
+    (2, 0)
+    >>> sorted(name for name in os.listdir(os.path.join(folder, "out")) if name.endswith(".png"))
+    [...png', ...png']
+    >>> run_job(sd, job, os.path.join(folder, "out"), progress=False).skipped  # resumed: nothing left to do
+    2
     """
     from tqdm.auto import tqdm
 

@@ -6,11 +6,15 @@ sampler or a new number of steps compiles; going back to one used before reuses 
 
 Example:
 
->>> import kerasdiffusion as kd                                                  # doctest: +SKIP
->>> sd = kd.StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
->>> images = sd.text_to_image("a photograph of an astronaut riding a horse", batch_size=2)
+>>> import kerasdiffusion as kd
+>>> sd = kd.StableDiffusion.from_pretrained("kerasdiffusion/shapes")  # built in: 64x64 pictures of shapes
+>>> images = sd.text_to_image("a red circle on a blue background", batch_size=2, num_steps=2)
 >>> images.shape, images.dtype
-((2, 512, 512, 3), dtype('uint8'))
+((2, 64, 64, 3), dtype('uint8'))
+
+Stable Diffusion 1.5 from the Hub, at its own 512x512:
+
+>>> sd = kd.StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")  # doctest: +SKIP
 """
 
 import contextlib
@@ -113,9 +117,13 @@ class StableDiffusion:
 
     Example:
 
+    >>> sd = StableDiffusion(img_width=128, img_height=64, source="kerasdiffusion/shapes")
+    >>> sd.text_to_image("a small red circle on the left, blue background", num_steps=2, seed=1).shape
+    (1, 64, 128, 3)
+
+    Without a source: Stable Diffusion 1.5, from the Hub on first use.
+
     >>> sd = StableDiffusion(img_width=512, img_height=512)                   # doctest: +SKIP
-    >>> sd.text_to_image("a watercolor fox", num_steps=25, seed=1).shape
-    (1, 512, 512, 3)
     """
 
     def __init__(self, img_width=None, img_height=None, jit_compile=True, precision=None, scheduler="ddim",
@@ -161,6 +169,9 @@ class StableDiffusion:
 
         Example:
 
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> sd.img_width, sd.img_height, sd.components.family.name
+        (64, 64, 'sd1')
         >>> sd = StableDiffusion.from_pretrained("v1-5-pruned-emaonly.safetensors")   # doctest: +SKIP
         """
         model = cls(img_width, img_height, jit_compile, precision, scheduler, source, prediction_type,
@@ -180,8 +191,11 @@ class StableDiffusion:
 
         Example:
 
-        >>> parts = kd.load_components("stable-diffusion-v1-5/stable-diffusion-v1-5")   # doctest: +SKIP
+        >>> import kerasdiffusion as kd
+        >>> parts = kd.load_components("kerasdiffusion/shapes")
         >>> sd = StableDiffusion.from_components(parts, scheduler="euler", loop="compiled")
+        >>> sd.components is parts, sd.scheduler.name
+        (True, 'euler')
         """
         if not isinstance(components, Components):
             raise TypeError(f"from_components takes a Components, got {type(components).__name__}")
@@ -298,9 +312,19 @@ class StableDiffusion:
 
         Example:
 
-        >>> name = sd.load_lora("watercolor.safetensors", scale=0.8)                 # doctest: +SKIP
-        >>> sd.text_to_image("a fox, watercolor", seed=1)
+        >>> import os, tempfile
+        >>> from kerasdiffusion import training
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> folder = tempfile.mkdtemp()
+        >>> lora = training.Trainer(sd, method="lora").save(os.path.join(folder, "style.safetensors"))  # untrained
+        >>> name = sd.load_lora(lora, scale=0.8)
+        >>> name, sd.loras
+        ('style', {'style': 0.8})
         >>> sd.unload_lora(name)
+
+        A file of yours, made for the model loaded (this one is for Stable Diffusion 1.5):
+
+        >>> name = sd.load_lora("watercolor.safetensors", scale=0.8)                 # doctest: +SKIP
         """
         path = adapters.adapter_file(source, weight_name, adapters.LORA_WEIGHT_NAME)
         name = name or adapters.source_name(source, path)
@@ -315,7 +339,16 @@ class StableDiffusion:
 
         Example:
 
-        >>> sd.set_lora_scale("watercolor", 0.5)                                       # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from kerasdiffusion import training
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> folder = tempfile.mkdtemp()
+        >>> lora = training.Trainer(sd, method="lora").save(os.path.join(folder, "style.safetensors"))  # untrained
+        >>> sd.load_lora(lora)
+        'style'
+        >>> sd.set_lora_scale("style", 0.5)
+        >>> sd.loras
+        {'style': 0.5}
         """
         scales = {"text_encoder": float(scale), "unet": float(scale if unet_scale is None else unet_scale)}
         self._lora_state().set_scales(name, scales, self.components)
@@ -325,7 +358,16 @@ class StableDiffusion:
 
         Example:
 
-        >>> sd.unload_lora("watercolor")                                               # doctest: +SKIP
+        >>> import os, tempfile
+        >>> from kerasdiffusion import training
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> folder = tempfile.mkdtemp()
+        >>> lora = training.Trainer(sd, method="lora").save(os.path.join(folder, "style.safetensors"))  # untrained
+        >>> sd.load_lora(lora)
+        'style'
+        >>> sd.unload_lora("style")
+        >>> sd.loras
+        {}
         """
         self._lora_state().remove(name, self.components)
 
@@ -360,9 +402,22 @@ class StableDiffusion:
 
         Example:
 
+        >>> import tempfile
+        >>> from kerasdiffusion import training
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> trainer = training.Trainer(sd, method="textual_inversion", token="my-shape")  # untrained
+        >>> embedding = trainer.save(tempfile.mkdtemp())
+        >>> sd.load_textual_inversion(embedding)
+        'my-shape'
+        >>> sd.embeddings
+        {'my-shape': 1}
+        >>> tuple(sd.encode_text("a my-shape on a blue background").shape)
+        (1, 77, 64)
+
+        A file of yours, made for the model loaded (this one is for Stable Diffusion 1.5):
+
         >>> sd.load_textual_inversion("EasyNegative.safetensors")                     # doctest: +SKIP
         'EasyNegative'
-        >>> sd.text_to_image("a portrait", negative_prompt="EasyNegative")
         """
         path = adapters.adapter_file(source, weight_name, adapters.EMBEDDING_WEIGHT_NAME)
         width = self.components.text_encoder.outputs[0].shape[-1]
@@ -377,7 +432,16 @@ class StableDiffusion:
 
         Example:
 
-        >>> sd.unload_textual_inversion("EasyNegative")                               # doctest: +SKIP
+        >>> import tempfile
+        >>> from kerasdiffusion import training
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> trainer = training.Trainer(sd, method="textual_inversion", token="my-shape")  # untrained
+        >>> embedding = trainer.save(tempfile.mkdtemp())
+        >>> sd.load_textual_inversion(embedding)
+        'my-shape'
+        >>> sd.unload_textual_inversion("my-shape")
+        >>> sd.embeddings
+        {}
         """
         self.components
         if token is not None and token not in self._embeddings:
@@ -424,9 +488,12 @@ class StableDiffusion:
 
         Example:
 
-        >>> context = sd.encode_text("a photograph of an astronaut riding a horse")   # doctest: +SKIP
-        >>> context.shape
-        TensorShape([1, 77, 768])
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> context = sd.encode_text("a red circle on a blue background")
+        >>> tuple(context.shape), context.dtype.name  # D = 64 here, 768 for SD 1.x, 1024 for SD 2.x
+        ((1, 77, 64), 'float32')
+        >>> tuple(sd.encode_text(["a red circle", "a green square"]).shape)
+        (2, 77, 64)
         """
         texts = _texts(prompt)
         with self._prompt_loras(texts):
@@ -593,9 +660,10 @@ class StableDiffusion:
 
         Example:
 
-        >>> context = sd.encode_text("a cabin in the snow")                        # doctest: +SKIP
-        >>> sd.generate_image(context, batch_size=2, num_steps=20, seed=3).shape
-        (2, 512, 512, 3)
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> context = sd.encode_text("a green square on a white background")
+        >>> sd.generate_image(context, batch_size=2, num_steps=2, seed=3).shape
+        (2, 64, 64, 3)
         """
         _check_positive("batch_size", batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
@@ -618,8 +686,10 @@ class StableDiffusion:
 
         Example:
 
-        >>> sd.text_to_image("a photograph of an astronaut riding a horse", seed=0).shape   # doctest: +SKIP
-        (1, 512, 512, 3)
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> sd.text_to_image(["a red circle on a blue background", "a large yellow triangle at the top, black "
+        ...                   "background"], num_steps=2, seed=0).shape
+        (2, 64, 64, 3)
         """
         batch_size = self._resolve_batch(prompt, batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
@@ -641,8 +711,13 @@ class StableDiffusion:
 
         Example:
 
-        >>> sd.image_to_image("a watercolor painting", photo, strength=0.6, seed=0).shape   # doctest: +SKIP
-        (1, 512, 512, 3)
+        >>> from kerasdiffusion import shapes
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> picture = shapes.render(shapes.Scene(shape="square", colour="red", background="blue"))
+        >>> picture.shape, picture.dtype
+        ((64, 64, 3), dtype('uint8'))
+        >>> sd.image_to_image("a red circle on a blue background", picture, strength=0.6, num_steps=4, seed=0).shape
+        (1, 64, 64, 3)
         """
         batch_size = self._resolve_batch(prompt, batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)
@@ -676,8 +751,14 @@ class StableDiffusion:
 
         Example:
 
-        >>> sd.inpaint("a red door", photo, mask, seed=0).shape                     # doctest: +SKIP
-        (1, 512, 512, 3)
+        >>> import numpy as np
+        >>> from kerasdiffusion import shapes
+        >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
+        >>> picture = shapes.render(shapes.Scene(shape="square", colour="red", background="blue"))
+        >>> mask = np.zeros((64, 64), np.uint8)
+        >>> mask[16:48, 16:48] = 1  # repaint the middle
+        >>> sd.inpaint("a green circle", picture, mask, num_steps=2, seed=0).shape
+        (1, 64, 64, 3)
         """
         batch_size = self._resolve_batch(prompt, batch_size)
         self._check_common(num_steps, unconditional_guidance_scale)

@@ -294,10 +294,14 @@ class Scheduler:
         """Noises `original` to the noise level of evaluation `i`, as diffusers' `add_noise` at `timesteps[i]`.
 
         Example:
+
         >>> scheduler = get_scheduler("ddim")
         >>> plan = scheduler.plan(50)
         >>> start = scheduler.start_index(plan, strength=0.8)
+        >>> image_latents = np.zeros((1, 8, 8, 4), "float32")
         >>> latents = scheduler.add_noise(plan, image_latents, np.random.standard_normal(image_latents.shape), start)
+        >>> tuple(latents.shape)
+        (1, 8, 8, 4)
         """
         return _at(plan.clean_scale, i) * _f32(original) + _at(plan.noise_scale, i) * _f32(noise)
 

@@ -9,8 +9,8 @@ Example:
 >>> from kerasdiffusion.config import TextEncoderConfig
 >>> config = TextEncoderConfig(vocab_size=100, width=64, num_layers=1, num_heads=1, mlp_dim=128)
 >>> model = build_text_encoder(config)
->>> model(np.zeros((2, 77), "int32")).shape
-TensorShape([2, 77, 64])
+>>> tuple(model(np.zeros((2, 77), "int32")).shape)
+(2, 77, 64)
 """
 
 import keras
@@ -95,8 +95,8 @@ def skip_last_layers(text_encoder, count):
     >>> import numpy as np
     >>> from kerasdiffusion.config import TextEncoderConfig
     >>> full = build_text_encoder(TextEncoderConfig(vocab_size=100, width=64, num_layers=3, num_heads=1, mlp_dim=128))
-    >>> skip_last_layers(full, 1)(np.zeros((1, 77), "int32")).shape
-    TensorShape([1, 77, 64])
+    >>> tuple(skip_last_layers(full, 1)(np.zeros((1, 77), "int32")).shape)
+    (1, 77, 64)
     """
     layers = num_layers(text_encoder)
     if not 0 <= count < layers:

@@ -12,8 +12,8 @@ Example:
 >>> config = UNetConfig(block_channels=(32, 64), attention_levels=(True, False), context_dim=32)
 >>> unet = build_unet(config)
 >>> out = unet([np.zeros((1, 8, 12, 4), "float32"), np.zeros((1,), "float32"), np.zeros((1, 77, 32), "float32")])
->>> out.shape
-TensorShape([1, 8, 12, 4])
+>>> tuple(out.shape)
+(1, 8, 12, 4)
 """
 
 import math

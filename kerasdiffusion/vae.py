@@ -9,10 +9,10 @@ Example:
 >>> import numpy as np
 >>> from kerasdiffusion.config import VAEConfig
 >>> config = VAEConfig(block_channels=(32, 64))
->>> build_decoder(config)(np.zeros((1, 4, 6, 4), "float32")).shape
-TensorShape([1, 8, 12, 3])
->>> build_image_encoder(config)(np.zeros((1, 8, 12, 3), "float32")).shape
-TensorShape([1, 4, 6, 8])
+>>> tuple(build_decoder(config)(np.zeros((1, 4, 6, 4), "float32")).shape)
+(1, 8, 12, 3)
+>>> tuple(build_image_encoder(config)(np.zeros((1, 8, 12, 3), "float32")).shape)
+(1, 4, 6, 8)
 """
 
 import keras

@@ -7,8 +7,16 @@ position: every model variable must receive exactly one array of its own shape.
 Example:
 
 >>> import numpy as np, keras
->>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")])
+>>> inputs = keras.Input((3,))
+>>> model = keras.Model(inputs, keras.layers.Dense(2, name="fc")(inputs))
+>>> sorted(variable.path for variable in model.weights)
+['fc/bias', 'fc/kernel']
 >>> assign_weights(model, {"fc/kernel": np.ones((3, 2)), "fc/bias": np.zeros(2)}, "example")
+>>> assign_weights(model, {"fc/kernel": np.ones((2, 2))}, "example")
+Traceback (most recent call last):
+...
+weights_conversion.errors.CheckpointError: example weights do not fit the model: missing tensors: fc/bias;
+mis-shaped tensors: fc/kernel (checkpoint (2, 2), model (3, 2))
 """
 
 import numpy as np

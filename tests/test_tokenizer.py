@@ -5,7 +5,6 @@ CLIP defines its vocabulary, independently of `kerasdiffusion.tokenizer`, so tha
 cannot hide in both sides.
 """
 
-import doctest
 import gzip
 import json
 import os
@@ -245,7 +244,3 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="not in the vocabulary"):
         CLIPTokenizer(pad_token="<pad>")
 
-
-def test_docstring_examples():
-    result = doctest.testmod(tokenizer_module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -26,8 +26,16 @@ the README's "Files from strangers" gives the command for a longer run.
 
 Example:
 
-    >>> from weights_conversion import convert_source, save_converted   # doctest: +SKIP
-    >>> save_converted(convert_source("v1-5-pruned-emaonly.safetensors"), "converted/")
+    >>> import os, tempfile
+    >>> from weights_conversion import convert_source, save_converted
+    >>> from kerasdiffusion.sources import BUILTIN_MODELS
+    >>> converted = convert_source(BUILTIN_MODELS["kerasdiffusion/shapes"])  # a converted folder reads as it is
+    >>> sorted(converted.weights), converted.image_size
+    (['text_encoder', 'unet', 'vae'], 64)
+    >>> out = save_converted(converted, os.path.join(tempfile.mkdtemp(), "converted"))
+    >>> sorted(os.listdir(out))
+    ['kerasdiffusion.json', 'scheduler_config.json', 'text_encoder.safetensors', 'unet.safetensors', 'vae.safetensors']
+    >>> save_converted(convert_source("v1-5-pruned-emaonly.safetensors"), "converted/")  # doctest: +SKIP
 """
 
 from weights_conversion.convert import Converted, convert_source, save_converted

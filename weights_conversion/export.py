@@ -14,8 +14,17 @@ export leaves nothing behind under the output's name.
 
 Example:
 
->>> state_dicts = torch_state_dicts(weights, conv_projections=True)                      # doctest: +SKIP
->>> save_single_file("model.safetensors", state_dicts, open_clip=False)                  # doctest: +SKIP
+>>> import os, tempfile
+>>> from weights_conversion import convert_source
+>>> from kerasdiffusion.sources import BUILTIN_MODELS  # the built-in model: a converted folder, plain files
+>>> shapes_model = BUILTIN_MODELS["kerasdiffusion/shapes"]
+>>> weights = convert_source(shapes_model).weights                  # our names, as a converted folder holds them
+>>> state_dicts = torch_state_dicts(weights, conv_projections=True)  # SD 1.x: 1x1 convolution projections
+>>> state_dicts["unet"]["conv_in.weight"].shape
+(64, 4, 3, 3)
+>>> path = save_single_file(os.path.join(tempfile.mkdtemp(), "model.safetensors"), state_dicts, open_clip=False)
+>>> os.path.basename(path)
+'model.safetensors'
 """
 
 import json

@@ -13,9 +13,17 @@ reported, all at once, in a ``CheckpointError``.
 
 Example:
 
+>>> import os, tempfile
+>>> from weights_conversion import convert_source, export
+>>> from weights_conversion.readers import read_state_dict
+>>> from kerasdiffusion.sources import BUILTIN_MODELS  # the built-in model: a converted folder, plain files
+>>> shapes_model = BUILTIN_MODELS["kerasdiffusion/shapes"]
+>>> state_dicts = export.torch_state_dicts(convert_source(shapes_model).weights, conv_projections=True)
+>>> checkpoint = export.save_single_file(os.path.join(tempfile.mkdtemp(), "shapes.safetensors"), state_dicts)
+>>> parts = split_ldm_checkpoint(read_state_dict(checkpoint))  # an original-format file, as SD 1.5's
+>>> sorted(parts), parts["unet"]["conv_in.weight"].shape      # (320, 4, 3, 3) for SD 1.5
+(['text_encoder', 'unet', 'vae'], (64, 4, 3, 3))
 >>> parts = split_ldm_checkpoint(read_state_dict("v1-5-pruned-emaonly.safetensors"))   # doctest: +SKIP
->>> parts["unet"]["conv_in.weight"].shape                                                # doctest: +SKIP
-(320, 4, 3, 3)
 """
 
 import re

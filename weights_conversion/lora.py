@@ -29,9 +29,29 @@ model's kernel (an SD 2.x LoRA on an SD 1.x model) and an unsupported network ty
 
 Example:
 
->>> state_dict, metadata = read_lora("style.safetensors")                              # doctest: +SKIP
->>> updates = lora_updates(state_dict, {"unet": unet_shapes, "text_encoder": te_shapes}, metadata)  # doctest: +SKIP
->>> fused_unet = fuse(unet_weights, updates["unet"], multiplier=0.8)                   # doctest: +SKIP
+>>> import os, tempfile
+>>> import numpy as np
+>>> from weights_conversion.readers import read_state_dict
+>>> from kerasdiffusion.sources import BUILTIN_MODELS  # the built-in model: a converted folder, plain files
+>>> shapes_model = BUILTIN_MODELS["kerasdiffusion/shapes"]
+>>> unet_weights = read_state_dict(os.path.join(shapes_model, "unet.safetensors"))  # our names
+>>> unet_shapes = {path: array.shape for path, array in unet_weights.items()}
+>>> kernel = "down0_attn0_block0_self_q/kernel"
+>>> width = unet_shapes[kernel][0]
+>>> update = LoraUpdate(kernel, (width, width), up=np.ones((width, 4), "float32"), down=np.ones((4, width), "float32"),
+...                     scale=0.25)
+>>> path = write_lora(os.path.join(tempfile.mkdtemp(), "style.safetensors"), {"unet": [update]}, format="kohya")
+>>> state_dict, metadata = read_lora(path)
+>>> sorted(state_dict)
+['lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha',
+ 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight',
+ 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight']
+>>> updates = lora_updates(state_dict, {"unet": unet_shapes}, metadata)
+>>> list(updates["unet"]), updates["text_encoder"]
+(['down0_attn0_block0_self_q/kernel'], {})
+>>> fused_unet = fuse(unet_weights, updates["unet"], multiplier=0.8)
+>>> [path for path in unet_weights if fused_unet[path] is not unet_weights[path]]  # the others are shared
+['down0_attn0_block0_self_q/kernel']
 """
 
 import dataclasses
@@ -501,7 +521,15 @@ def write_lora(path, updates, format="diffusers"):
 
     Example:
 
-    >>> write_lora("style.safetensors", {"unet": unet_updates}, format="kohya")   # doctest: +SKIP
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> update = LoraUpdate("down0_attn0_block0_self_q/kernel", (64, 64), up=np.ones((64, 4), "float32"),
+    ...                     down=np.ones((4, 64), "float32"), scale=0.25)
+    >>> path = write_lora(os.path.join(tempfile.mkdtemp(), "style.safetensors"), {"unet": [update]}, format="kohya")
+    >>> sorted(read_lora(path)[0])
+    ['lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha',
+     'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight',
+     'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight']
     """
     state_dict, metadata = lora_state_dict(updates, format)
     if not state_dict:

@@ -8,9 +8,16 @@ a float32). float16 and float32 keep their dtype. Arrays may be read-only views 
 
 Example:
 
+>>> import os, tempfile
+>>> from weights_conversion import convert_source, export
+>>> from kerasdiffusion.sources import BUILTIN_MODELS  # the built-in model: a converted folder, plain files
+>>> shapes_model = BUILTIN_MODELS["kerasdiffusion/shapes"]
+>>> state_dicts = export.torch_state_dicts(convert_source(shapes_model).weights, conv_projections=True)
+>>> checkpoint = export.save_single_file(os.path.join(tempfile.mkdtemp(), "shapes.safetensors"), state_dicts)
+>>> sd = read_state_dict(checkpoint)
+>>> sd["model.diffusion_model.input_blocks.0.0.weight"].shape       # (320, 4, 3, 3) for SD 1.5
+(64, 4, 3, 3)
 >>> sd = read_state_dict("v1-5-pruned-emaonly.safetensors")       # doctest: +SKIP
->>> sd["model.diffusion_model.input_blocks.0.0.weight"].shape       # doctest: +SKIP
-(320, 4, 3, 3)
 """
 
 import errno

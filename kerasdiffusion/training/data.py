@@ -13,10 +13,14 @@ choice is a function of the seed and the element's position in the stream, so a 
 
 Example:
 
->>> data = image_caption_dataset("photos/", resolution=512, batch_size=1, tokenizer=trainer.tokenizer)  # doctest: +SKIP
+>>> import tempfile
+>>> from kerasdiffusion import shapes
+>>> photos = tempfile.mkdtemp()
+>>> _ = shapes.write_dataset(photos, seed=0, count=2)  # 00000.png + 00000.txt, 00001.png + 00001.txt
+>>> data = image_caption_dataset(photos, resolution=32, batch_size=2)
 >>> batch = next(iter(data))
->>> batch["images"].shape, batch["token_ids"].shape
-(TensorShape([1, 512, 512, 3]), TensorShape([1, 77]))
+>>> tuple(batch["images"].shape), tuple(batch["token_ids"].shape)
+((2, 32, 32, 3), (2, 77))
 """
 
 import json
@@ -188,9 +192,17 @@ def with_prior_preservation(instance_data, class_data):
 
     Example:
 
-    >>> data = with_prior_preservation(                                                     # doctest: +SKIP
-    ...     image_caption_dataset("dog/", caption="a photo of sks dog", tokenizer=trainer.tokenizer),
-    ...     image_caption_dataset("dogs/", caption="a photo of dog", tokenizer=trainer.tokenizer))
+    >>> import tempfile
+    >>> from kerasdiffusion import shapes
+    >>> instances, classes = tempfile.mkdtemp(), tempfile.mkdtemp()
+    >>> _ = shapes.write_dataset(instances, seed=0, count=1)
+    >>> _ = shapes.write_dataset(classes, seed=1, count=2)
+    >>> data = with_prior_preservation(
+    ...     image_caption_dataset(instances, resolution=32, caption="a photo of sks shape"),
+    ...     image_caption_dataset(classes, resolution=32, caption="a photo of a shape"))
+    >>> batch = next(iter(data))
+    >>> batch["prior"].numpy().tolist(), tuple(batch["images"].shape)
+    ([0.0, 1.0], (2, 32, 32, 3))
     """
     import tensorflow as tf
 

@@ -14,9 +14,9 @@ Targets are named by what they adapt; the layers they stand for are our own laye
 
 Example:
 
->>> update = LowRankUpdate((8, 16), rank=2, alpha=2.0)                              # doctest: +SKIP
->>> update.delta().shape
-TensorShape([8, 16])
+>>> update = LowRankUpdate((8, 16), rank=2, alpha=2.0)
+>>> tuple(update.down.shape), tuple(update.up.shape), tuple(update.delta().shape)
+((8, 2), (2, 16), (8, 16))
 """
 
 import re

@@ -9,8 +9,14 @@ uninterrupted run's.
 
 Example:
 
->>> settings = RunSettings(method="lora", model="tiny/", data="photos/", out="run/", steps=100)  # doctest: +SKIP
->>> train(settings)
+>>> import os, tempfile
+>>> from kerasdiffusion import shapes
+>>> photos, out = tempfile.mkdtemp(), tempfile.mkdtemp()
+>>> _ = shapes.write_dataset(photos, seed=0, count=2)
+>>> settings = RunSettings(method="lora", model="kerasdiffusion/shapes", data=photos, out=out, steps=2, quiet=True)
+>>> path = train(settings, log=lambda message: None)
+>>> os.path.basename(path)
+'pytorch_lora_weights.safetensors'
 """
 
 import dataclasses

@@ -23,14 +23,19 @@ callbacks work as for any model. What is trained:
 
 Frozen weights are not trainable, so the optimizer keeps no state for them.
 
-Example:
+Example (`kerasdiffusion.training` shows a whole ``compile`` / ``fit`` / ``save``):
 
->>> from kerasdiffusion import training                                          # doctest: +SKIP
->>> trainer = training.Trainer(sd, method="lora", rank=4)
->>> data = training.image_caption_dataset("photos/", resolution=512, tokenizer=trainer.tokenizer)
->>> trainer.compile(optimizer=keras.optimizers.AdamW(1e-4))
->>> trainer.fit(data, epochs=10)
->>> trainer.save("style.safetensors", format="kohya")
+>>> import kerasdiffusion as kd
+>>> from kerasdiffusion import training
+>>> parts = kd.load_components("kerasdiffusion/shapes")
+>>> trainer = training.Trainer(parts, method="textual_inversion", token="my-shape", num_vectors=2)
+>>> [(variable.path, tuple(variable.shape)) for variable in trainer.trainable_variables]  # the networks are frozen
+[('trainer/token_vectors', (2, 64))]
+>>> trainer = training.Trainer(parts, method="lora", rank=4)
+>>> [variable.path for variable in trainer.trainable_variables][:2]  # per adapted kernel: down [in, r], up [r, out]
+['unet_lora_down0_attn0_block0_self_q_kernel/down', 'unet_lora_down0_attn0_block0_self_q_kernel/up']
+>>> len(training.Trainer(parts, method="full").trainable_variables) == len(parts.diffusion_model.weights)
+True
 """
 
 import contextlib
@@ -255,8 +260,17 @@ class Trainer(keras.Model):
 
         Example:
 
-        >>> photos = training.image_caption_dataset("photos/", tokenizer=trainer.tokenizer)  # doctest: +SKIP
-        >>> trainer.fit(trainer.cache_latents(photos), epochs=100)
+        >>> import tempfile
+        >>> import kerasdiffusion as kd
+        >>> from kerasdiffusion import shapes, training
+        >>> trainer = training.Trainer(kd.load_components("kerasdiffusion/shapes"), method="lora")
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = shapes.write_dataset(folder, seed=0, count=4)
+        >>> photos = training.image_caption_dataset(folder, resolution=64, batch_size=2, tokenizer=trainer.tokenizer)
+        >>> cached = trainer.cache_latents(photos)  # then trainer.fit(cached, epochs=100)
+        >>> batch = next(iter(cached))
+        >>> sorted(batch), tuple(batch["moments"].shape)  # the posterior's mean and log-variance: 2 x 4 channels
+        (['moments', 'token_ids'], (2, 8, 8, 8))
         """
         import tensorflow as tf
 
@@ -348,7 +362,13 @@ class Trainer(keras.Model):
 
         Example:
 
-        >>> trainer.save("style.safetensors", format="kohya")                   # doctest: +SKIP
+        >>> import os, tempfile
+        >>> import kerasdiffusion as kd
+        >>> from kerasdiffusion import training
+        >>> trainer = training.Trainer(kd.load_components("kerasdiffusion/shapes"), method="lora")
+        >>> path = trainer.save(os.path.join(tempfile.mkdtemp(), "style.safetensors"), format="kohya")
+        >>> os.path.basename(path)
+        'style.safetensors'
         """
         if str(path).endswith(".keras"):
             raise ValueError(f"A Trainer does not save as a .keras model ({path}); checkpoint it with "
