@@ -3,6 +3,10 @@
     python benchmarks/distribution_overhead.py --size 256 --batch-size 2 --steps 3 --path OneDeviceStrategy
     python benchmarks/distribution_overhead.py --size 256 --batch-size 2 --steps 3 --path MirroredStrategy
     KERAS_BACKEND=jax python benchmarks/distribution_overhead.py --size 256 --batch-size 2 --steps 3
+    python benchmarks/distribution_overhead.py --model kerasdiffusion/shapes --size 64 --batch-size 4 --steps 25
+
+With ``--model``, the networks are loaded from a source instead: the built-in model's calls are short, so the
+fixed cost the distribution path adds to each call weighs most there.
 
 A whole `text_to_image` call (text encoder, denoising loop, decoder; SD 1.5-sized networks with random
 weights, `benchmarks/random_model.py`) on the plain one-device path, and through the distribution path
@@ -48,15 +52,23 @@ def main():
     parser.add_argument("--path", action="append", choices=sorted(distributions()),
                         help="the distribution path(s) to time next to the plain one (default: all)")
     parser.add_argument("--loop", default="steps", choices=["steps", "compiled"])
+    parser.add_argument("--model", default=None,
+                        help="a source to load (e.g. kerasdiffusion/shapes, where the fixed cost per call weighs "
+                             "most) instead of SD 1.5-sized random networks")
     args = parser.parse_args()
     keywords = dict(img_width=args.size, img_height=args.size, jit_compile=True, scheduler="dpmpp_2m", loop=args.loop)
-    keras.utils.set_random_seed(0)  # the same random weights for every path
-    pipelines = {"plain": kd.StableDiffusion.from_components(random_components(), **keywords)}
+
+    def components():
+        if args.model:
+            return kd.load_components(args.model, precision="float32", progress=False)
+        keras.utils.set_random_seed(0)  # the same random weights for every path
+        return random_components()
+
+    pipelines = {"plain": kd.StableDiffusion.from_components(components(), **keywords)}
     for name in args.path or sorted(distributions()):
         distribution = distributions()[name]()
-        keras.utils.set_random_seed(0)
         with distribute.scope(distribution):
-            parts = random_components()
+            parts = components()
         pipelines[name] = kd.StableDiffusion.from_components(parts, distribution=distribution, **keywords)
 
     def generate(sd):
@@ -75,7 +87,7 @@ def main():
             times[name].append(time.perf_counter() - start)
     plain_median, plain_min = float(np.median(times["plain"])), min(times["plain"])
     largest = max(int(np.abs(images[name].astype(int) - images["plain"].astype(int)).max()) for name in images)
-    print(f"backend {keras.backend.backend()}, CPU flags: {cpu_flags()}; load average {os.getloadavg()}; "
+    print(f"model {args.model or 'SD 1.5-sized, random weights'}; backend {keras.backend.backend()}, CPU flags: {cpu_flags()}; load average {os.getloadavg()}; "
           f"{args.size}x{args.size}, batch {args.batch_size}, {args.steps} steps (loop={args.loop}, dpmpp_2m, "
           f"guidance: UNet batch {2 * args.batch_size}), {args.repeats} runs each in turn; largest pixel difference "
           f"from plain: {largest}")

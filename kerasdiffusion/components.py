@@ -142,6 +142,16 @@ def _scheduler_config(converted, family, prediction_type):
     return SchedulerConfig.from_dict(config)
 
 
+def _family(converted):
+    """The family a source names (a converted folder's manifest), else the one its text encoder's width gives."""
+    if converted.family is None:
+        return C.family_from_weights(converted.weights["text_encoder"])
+    if converted.family not in C.FAMILIES:
+        raise ValueError(f"{converted.source}: unknown model family {converted.family!r}; this version knows "
+                         f"{', '.join(C.FAMILIES)}")
+    return C.FAMILIES[converted.family]
+
+
 def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None, cache=None, progress=True,
                     prediction_type=None):
     """Reads a source's weights (converting and caching where needed) and builds the networks from them.
@@ -177,7 +187,7 @@ def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None,
     converted = sources.resolve(source, half_precision=precision != "float32", use_cache=cache, revision=revision,
                                 progress=progress, lazy=True)
     weights = converted.weights
-    family = C.family_from_weights(weights["text_encoder"])
+    family = _family(converted)
     vae_config = C.vae_config_from_weights(weights["vae"], family)
     encoder_weights, decoder_weights = split_weights(weights.pop("vae"))
     # Each network is built straight from its weights (read one tensor at a time, never held twice), then

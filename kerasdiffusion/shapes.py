@@ -201,3 +201,67 @@ def write_dataset(folder, seed, count):
         with open(stem + ".txt", "w", encoding="utf-8") as file:
             file.write(scene.caption() + "\n")
     return scenes
+
+
+# ---------------------------------------------------------------------------------------- adherence
+
+ATTRIBUTES = ("background", "colour", "shape", "size", "position")
+
+
+def evaluation_scenes(seed, count):
+    """``count`` scenes to ask a model for: two thirds training combinations, one third held out, in turn."""
+    held_out = sample_scenes(seed + 1, count // 3, held_out=True)
+    seen = sample_scenes(seed, count - len(held_out))
+    return [scene for pair in zip(seen, held_out) for scene in pair] + seen[len(held_out):]
+
+
+def score(images, scenes):
+    """How many pictures show what their scene asks, per attribute, as ``{attribute: (matches, asked)}``.
+
+    Background, colour and shape are asked of every scene; size and position only where the caption names
+    them (the short form leaves them to chance).
+
+    Example:
+
+    >>> scenes = [Scene("circle", "red", "blue"), Scene("square", "white", "black", short=True)]
+    >>> score([render(scenes[0]), render(scenes[1])], scenes)["position"]
+    (1, 1)
+    """
+    tally = {attribute: [0, 0] for attribute in ATTRIBUTES}
+    for image, scene in zip(images, scenes, strict=True):
+        found, wanted = describe(image), scene.attributes()
+        for attribute in ATTRIBUTES:
+            if scene.short and attribute in ("size", "position"):
+                continue
+            tally[attribute][0] += found[attribute] == wanted[attribute]
+            tally[attribute][1] += 1
+    return {attribute: tuple(counts) for attribute, counts in tally.items()}
+
+
+def _other(rng, choices, *avoid):
+    return str(rng.choice([choice for choice in choices if choice not in avoid]))
+
+
+def inpainting_tasks(seed, count):
+    """``count`` (picture, mask, scene) triples: a picture with a shape on the left, the left half masked, and
+    the scene to paint there instead (another shape and colour, named on the left, same background)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((RESOLUTION, RESOLUTION), np.float32)
+    mask[:, : RESOLUTION // 2] = 1
+    tasks = []
+    for wanted in evaluation_scenes(seed, count):
+        wanted = dataclasses.replace(wanted, position="left", short=False, offset=(0, 0))
+        old = Scene(_other(rng, SHAPES, wanted.shape), _other(rng, COLOURS, wanted.colour, wanted.background),
+                    wanted.background, size=str(rng.choice(list(SIZES))), position="left")
+        tasks.append((render(old), mask, wanted))
+    return tasks
+
+
+def image_to_image_tasks(seed, count):
+    """``count`` (picture, scene) pairs: the scene's picture with the shape in another colour, and the scene."""
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for wanted in evaluation_scenes(seed, count):
+        old = dataclasses.replace(wanted, colour=_other(rng, COLOURS, wanted.colour, wanted.background))
+        tasks.append((render(old), wanted))
+    return tasks

@@ -48,6 +48,9 @@ class Converted:
     # The image side (pixels) the model was trained at, when the source says it (a diffusers UNet's sample_size,
     # a converted folder's manifest); None otherwise, and the model family's rule applies when it is loaded.
     image_size: int | None = None
+    # The model family (``kerasdiffusion.config.FAMILIES``) when the source names it (a converted folder's
+    # manifest); None otherwise, and the family is read from the weights when they are loaded.
+    family: str | None = None
 
 
 def is_converted_folder(path):
@@ -120,7 +123,10 @@ def _load_converted_folder(path, lazy=False):
         raise CheckpointError(f"{path}: {MANIFEST} gives a source that is not a string")
     # Folders written before the image size was recorded have none: the family's rule applies.
     image_size = _image_size(manifest.get("image_size"), os.path.join(path, MANIFEST))
-    return Converted(weights, scheduler, _tokenizer_dir(path), source, image_size)
+    family = manifest.get("family")
+    if family is not None and not isinstance(family, str):
+        raise CheckpointError(f"{path}: {MANIFEST} gives a family that is not a string")
+    return Converted(weights, scheduler, _tokenizer_dir(path), source, image_size, family)
 
 
 def convert_source(path, lazy=False):
@@ -170,6 +176,8 @@ def save_converted(converted, output_dir):
         manifest = {"format_version": FORMAT_VERSION, "source": converted.source}
         if converted.image_size is not None:
             manifest["image_size"] = converted.image_size
+        if converted.family is not None:
+            manifest["family"] = converted.family
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
     return os.path.abspath(output_dir)
