@@ -10,7 +10,7 @@ Example:
 >>> import kerasdiffusion as kd
 >>> parts = kd.load_components("kerasdiffusion/shapes")
 >>> parts.family.name, parts.scheduler_config.prediction_type, parts.image_size
-('sd1', 'epsilon', 64)
+('shapes', 'epsilon', 64)
 >>> sd = kd.StableDiffusion.from_components(parts, img_width=128, img_height=128)
 >>> sd.img_width, sd.components is parts
 (128, True)

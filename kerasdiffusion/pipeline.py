@@ -171,7 +171,7 @@ class StableDiffusion:
 
         >>> sd = StableDiffusion.from_pretrained("kerasdiffusion/shapes")
         >>> sd.img_width, sd.img_height, sd.components.family.name
-        (64, 64, 'sd1')
+        (64, 64, 'shapes')
         >>> sd = StableDiffusion.from_pretrained("v1-5-pruned-emaonly.safetensors")   # doctest: +SKIP
         """
         model = cls(img_width, img_height, jit_compile, precision, scheduler, source, prediction_type,
