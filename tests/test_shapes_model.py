@@ -18,12 +18,14 @@ from kerasdiffusion.training import shapes_model
 from tests import reference as R
 
 # The issue's targets for text to image, the share of pictures that show what the prompt asks. The model shipped
-# now does not reach them (README, "The built-in model"); the test holds it to what it was measured to do, well
-# above chance (1 in 5 colours, 1 in 3 shapes, 1 in 5 places), so that a change that loses it fails here.
+# now reaches them for background and position, not yet for colour (85% measured) and shape (42%: its
+# autoencoder rounds the shapes off, README "The built-in model"). The test holds each task to what the shipped
+# model was measured to do here (colour: 51/60, 14/20 and 17/20), with a margin for other CPUs' rounding, so
+# that a change that loses it fails here; shape gets no floor until it is well above chance (1 in 3).
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.80, "position": 0.80}
-FLOORS = {"text_to_image": {"background": 0.65},
-          "inpaint (left half)": {"background": 0.90},
-          "image_to_image (recolour, strength 0.75)": {"background": 0.90}}
+FLOORS = {"text_to_image": {"background": 0.95, "colour": 0.75, "position": 0.85},
+          "inpaint (left half)": {"background": 0.95, "colour": 0.55, "position": 0.85},
+          "image_to_image (recolour, strength 0.75)": {"background": 0.95, "colour": 0.65, "position": 0.85}}
 
 
 @pytest.fixture(scope="module")
@@ -93,4 +95,4 @@ def test_the_readme_first_command_draws_its_prompt(tmp_path, monkeypatch):
     argv = ["generate", "a red circle on a blue background", "--model", "kerasdiffusion/shapes", "--out", "shapes.png"]
     assert main([*argv, "--seed", "0"]) == 0
     found = shapes.describe(np.asarray(Image.open(tmp_path / "shapes.png").convert("RGB")))
-    assert found["background"] == "blue"  # what the shipped model reliably draws (see FLOORS)
+    assert (found["background"], found["colour"], found["shape"]) == ("blue", "red", "circle")

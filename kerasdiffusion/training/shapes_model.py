@@ -59,7 +59,7 @@ class Recipe:
     vae_crop: int = 32  # the autoencoder learns from crops (it is convolutional): a quarter of the work per item
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-6
-    diffusion_steps: int = 1500
+    diffusion_steps: int = 7000
     batch_size: int = 32
     learning_rate: float = 6e-4
     warmup_steps: int = 200
