@@ -19,7 +19,7 @@ from tests import reference as R
 # What runs on both backends: schedulers, networks, the pipeline, mixed precision, the command line, LoRAs and
 # the other adapters, the notebooks' code paths, and one full-size network. One process runs them all, so
 # that programs compiled by one suite are reused from the compile cache by the next (``-n 0``: in that process
-alone, while the run's other worker goes on with the rest).
+# alone, while the run's other worker goes on with the rest).
 JAX_SUITES = [
     "tests/test_schedulers.py",
     "tests/test_networks.py",

@@ -10,6 +10,7 @@ test says which (a skip, after the module's other examples passed).
 
 import doctest
 import importlib
+import inspect
 import pkgutil
 import re
 import traceback
@@ -19,6 +20,8 @@ import pytest
 import kerasdiffusion
 import weights_conversion
 from kerasdiffusion import sources
+from kerasdiffusion.pipeline import StableDiffusion
+from tests import reference as R
 from tests.builtin import SHAPES, shipped_shapes_folder
 
 PACKAGES = (kerasdiffusion, weights_conversion)
@@ -62,6 +65,25 @@ class _Collecting(doctest.DocTestRunner):
 
 def _loads_builtin(test):
     return any(_LOADS_BUILTIN.search(example.source) for example in test.examples)
+
+
+def _set_default(monkeypatch, function, name, value):
+    """Sets the default of ``function``'s positional-or-keyword argument ``name``."""
+    named = [p.name for p in inspect.signature(function).parameters.values()
+             if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty]
+    defaults = list(function.__defaults__)
+    defaults[named.index(name)] = value
+    monkeypatch.setattr(function, "__defaults__", tuple(defaults))
+
+
+@pytest.fixture(autouse=True)
+def compile_as_the_other_tests_do(monkeypatch):
+    """The examples make pipelines with the default ``jit_compile=True``; here the default follows the other
+    tests (`tests.reference.JIT`: XLA on JAX, TensorFlow's graphs without XLA on TensorFlow). The examples print
+    shapes and names, the same either way, and XLA would compile each example's programs again."""
+    for function in (StableDiffusion.__init__, StableDiffusion.from_pretrained.__func__,
+                     StableDiffusion.from_components.__func__):
+        _set_default(monkeypatch, function, "jit_compile", R.JIT)
 
 
 @pytest.mark.parametrize("name", module_names())
