@@ -27,7 +27,7 @@ setup(
         # PyTorch, diffusers, transformers and peft are the reference implementation the tests compare against
         # (diffusers' LMS scheduler needs scipy, the callback tests tensorboard); jax runs the same tests on
         # Keras' JAX backend.
-        "test": ["pytest", "pytest-xdist", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40", "peft>=0.10", "scipy",
+        "test": ["pytest", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40", "peft>=0.10", "scipy",
                  "jax>=0.4.30", "hypothesis", "tensorboard", "nbclient", "nbformat", "ipykernel"],
         # The peers the benchmarks compare against (never needed to use kerasdiffusion).
         "bench": ["keras-cv==0.9.0", "torch>=2.1", "diffusers>=0.30", "transformers>=4.40", "psutil"],

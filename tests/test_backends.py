@@ -18,8 +18,7 @@ from tests import reference as R
 
 # What runs on both backends: schedulers, networks, the pipeline, mixed precision, the command line, LoRAs and
 # the other adapters, the notebooks' code paths, and one full-size network. One process runs them all, so
-# that programs compiled by one suite are reused from the compile cache by the next (``-n 0``: in that process
-# alone, while the run's other worker goes on with the rest).
+# that programs compiled by one suite are reused from the compile cache by the next.
 JAX_SUITES = [
     "tests/test_schedulers.py",
     "tests/test_networks.py",
@@ -43,9 +42,8 @@ def run_on(backend, args, timeout=2400):
 
 
 @on_tensorflow
-@pytest.mark.xdist_group("full_size")  # it runs a full-size UNet too: never beside test_full_size, for memory
 def test_suites_pass_on_jax():
-    result = run_on("jax", ["-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-rfEs", *JAX_SUITES])
+    result = run_on("jax", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *JAX_SUITES])
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     print(f"JAX: {summary}")
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]

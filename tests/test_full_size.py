@@ -14,9 +14,7 @@ from kerasdiffusion.weights import assign_weights
 from tests import reference as R
 from weights_conversion.keras_names import convert_text_encoder, convert_unet, convert_vae
 
-# One worker runs every full-size test, one after the other (with the JAX suites, which hold one too): two
-# full-size networks and their references at once would not fit in 24 GiB.
-pytestmark = [pytest.mark.full_size, pytest.mark.xdist_group("full_size")]
+pytestmark = pytest.mark.full_size
 TOLERANCE = 1e-4
 
 SD15_UNET = dict(

@@ -58,8 +58,8 @@ set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 EXAMPLES = int(os.environ.get("KERASDIFFUSION_FUZZ_EXAMPLES", "500"))
 MEMORY_PER_BYTE = 256
 MEMORY_SLACK = 2**20
-# Most readers answer in milliseconds; the deadline leaves room for a test run that shares the machine with
-# another worker. HANG_SECONDS is a hard stop beyond it.
+# Most readers answer in milliseconds; the deadline leaves room for a machine busy with other work (a
+# second CI job, a training run). HANG_SECONDS is a hard stop beyond it.
 DEADLINE_SECONDS = 5
 HANG_SECONDS = 10
 
