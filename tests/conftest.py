@@ -17,6 +17,31 @@ _CACHE = tempfile.mkdtemp(prefix="kerasdiffusion-test-cache-")
 os.environ["KERASDIFFUSION_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """A TensorFlow run that includes `tests.second_process.TEST` starts the second process now, to run beside
+    this one; the tests it hands over leave this run (reported as deselected), and `TEST` goes last: by the
+    time it waits, everything else here is done."""
+    import keras
+
+    from tests import second_process
+
+    waiting = [item for item in items if item.nodeid == second_process.TEST]
+    if not waiting or keras.backend.backend() != "tensorflow":
+        return
+    handed_over = [item for item in items if second_process.handed_over(item.nodeid)]
+    items[:] = [item for item in items if item not in handed_over and item not in waiting] + waiting
+    if handed_over:
+        config.hook.pytest_deselected(items=handed_over)
+    second_process.start([item.nodeid for item in handed_over])
+
+
+def pytest_sessionfinish(session):
+    from tests import second_process
+
+    if second_process.started():
+        second_process.started().stop()
+
 
 @pytest.fixture(scope="session")
 def tiny_shapes_folder(tmp_path_factory):

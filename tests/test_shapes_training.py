@@ -124,8 +124,10 @@ def tiny_networks(monkeypatch):
 
 def test_the_recipe_trains_a_loadable_model_and_resumes_after_a_kill(tmp_path, monkeypatch, tiny_networks):
     """The whole recipe, tiny: a converted folder that loads as the shapes family at 64x64. A run killed in the
-    diffusion stage and run again with the same command ends with the same weights as an uninterrupted run."""
-    whole = shapes_model.train(TINY_RECIPE, tmp_path / "whole", tmp_path / "whole.work", jit_compile=False)
+    diffusion stage and run again with the same command ends with the same weights as an uninterrupted run.
+    The steps run eagerly: tracing each stage's training step took most of this test's time."""
+    whole = shapes_model.train(TINY_RECIPE, tmp_path / "whole", tmp_path / "whole.work", jit_compile=False,
+                               run_eagerly=True)
 
     steps = {"count": 0}
     progress = run_module.ProgressBar.on_train_batch_end
@@ -139,9 +141,11 @@ def test_the_recipe_trains_a_loadable_model_and_resumes_after_a_kill(tmp_path, m
     with monkeypatch.context() as patch:
         patch.setattr(run_module.ProgressBar, "on_train_batch_end", dying)
         with pytest.raises(Killed):
-            shapes_model.train(TINY_RECIPE, tmp_path / "resumed", tmp_path / "resumed.work", jit_compile=False)
+            shapes_model.train(TINY_RECIPE, tmp_path / "resumed", tmp_path / "resumed.work", jit_compile=False,
+                               run_eagerly=True)
     assert not os.path.exists(tmp_path / "resumed")  # nothing half-written
-    resumed = shapes_model.train(TINY_RECIPE, tmp_path / "resumed", tmp_path / "resumed.work", jit_compile=False)
+    resumed = shapes_model.train(TINY_RECIPE, tmp_path / "resumed", tmp_path / "resumed.work", jit_compile=False,
+                                 run_eagerly=True)
 
     for network in ("text_encoder", "unet", "vae"):
         ours, theirs = (load_file(os.path.join(folder, f"{network}.safetensors")) for folder in (resumed, whole))

@@ -125,7 +125,7 @@ def _fit(trainer, data, steps, checkpoint, log, label):
         callbacks = [CheckpointEvery(checkpoint, CHECKPOINT_EVERY, first_step, steps, label),
                      ProgressBar(first_step, steps)]
         trainer.fit(data(first_step), epochs=1, steps_per_epoch=steps - first_step, callbacks=callbacks,
-                    verbose=0)
+                    verbose=0, shuffle=False)  # the batches come in the recipe's own order
         log(f"{label}: steps {first_step + 1}-{steps} in {time.perf_counter() - start:.0f} s")
     else:
         trainer.optimizer.finalize_variable_values(trainer.trainable_weights)
@@ -139,7 +139,7 @@ def _optimizer(learning_rate, steps, warmup_steps, ema_momentum=None):
     return keras.optimizers.AdamW(schedule, weight_decay=1e-4, use_ema=True, ema_momentum=ema_momentum)
 
 
-def train_autoencoder(recipe, images, work, log=print, jit_compile=True):
+def train_autoencoder(recipe, images, work, log=print, jit_compile=True, run_eagerly=False):
     """Stage 2: the image encoder and decoder, rescaled to Stable Diffusion's latent scale."""
     from kerasdiffusion.training.autoencoder import AutoencoderTrainer, match_scaling_factor
     from kerasdiffusion.vae import build_decoder, build_image_encoder
@@ -147,7 +147,8 @@ def train_autoencoder(recipe, images, work, log=print, jit_compile=True):
     keras.utils.set_random_seed(recipe.seed)
     encoder, decoder = build_image_encoder(VAE), build_decoder(VAE)
     trainer = AutoencoderTrainer(encoder, decoder, kl_weight=recipe.kl_weight, seed=recipe.seed)
-    trainer.compile(optimizer=_optimizer(recipe.vae_learning_rate, recipe.vae_steps, 100), jit_compile=jit_compile)
+    trainer.compile(optimizer=_optimizer(recipe.vae_learning_rate, recipe.vae_steps, 100), jit_compile=jit_compile,
+                    run_eagerly=run_eagerly)
     _fit(trainer, lambda first: batches({"images": images}, recipe.vae_batch_size, recipe.seed + 1, first,
                                         recipe.vae_crop),
          recipe.vae_steps, os.path.join(work, "autoencoder.safetensors"), log, "autoencoder")
@@ -156,7 +157,7 @@ def train_autoencoder(recipe, images, work, log=print, jit_compile=True):
     return encoder, decoder
 
 
-def train_diffusion(recipe, scenes, images, encoder, decoder, work, log=print, jit_compile=True):
+def train_diffusion(recipe, scenes, images, encoder, decoder, work, log=print, jit_compile=True, run_eagerly=False):
     """Stages 3 and 4: the text encoder and UNet under the diffusion objective, on cached latents."""
     from keras import ops
 
@@ -183,7 +184,7 @@ def train_diffusion(recipe, scenes, images, encoder, decoder, work, log=print, j
                        family=C.SHAPES, vae_config=VAE, image_size=shapes.RESOLUTION, source=SOURCE_NAME)
     trainer = Trainer(parts, method="full", train_text_encoder=True, seed=recipe.seed + 2)
     trainer.compile(optimizer=_optimizer(recipe.learning_rate, recipe.diffusion_steps, recipe.warmup_steps,
-                                         recipe.ema_momentum), jit_compile=jit_compile)
+                                         recipe.ema_momentum), jit_compile=jit_compile, run_eagerly=run_eagerly)
     _fit(trainer, lambda first: batches({"token_ids": token_ids, "moments": moments}, recipe.batch_size,
                                         recipe.seed + 4, first),
          recipe.diffusion_steps, os.path.join(work, "diffusion.safetensors"), log, "diffusion")
@@ -202,9 +203,10 @@ def save_model(parts, out):
                                     image_size=parts.image_size, family=parts.family.name), out)
 
 
-def train(recipe, out, work, log=print, jit_compile=True):
+def train(recipe, out, work, log=print, jit_compile=True, run_eagerly=False):
     """Trains the model from ``recipe`` and writes it to ``out``; returns ``out``. A rerun with the same recipe
-    and ``work`` folder goes on from the last checkpoint there, to the same result."""
+    and ``work`` folder goes on from the last checkpoint there, to the same result. ``jit_compile`` and
+    ``run_eagerly`` go to the trainers' ``compile``."""
     start = time.perf_counter()
     os.makedirs(work, exist_ok=True)
     recorded = os.path.join(work, "recipe.json")
@@ -216,8 +218,8 @@ def train(recipe, out, work, log=print, jit_compile=True):
     with open(recorded, "w", encoding="utf-8") as file:
         json.dump(dataclasses.asdict(recipe), file, indent=2)
     scenes, images = pictures(recipe)
-    encoder, decoder = train_autoencoder(recipe, images, work, log, jit_compile)
-    parts = train_diffusion(recipe, scenes, images, encoder, decoder, work, log, jit_compile)
+    encoder, decoder = train_autoencoder(recipe, images, work, log, jit_compile, run_eagerly)
+    parts = train_diffusion(recipe, scenes, images, encoder, decoder, work, log, jit_compile, run_eagerly)
     save_model(parts, out)
     log(f"trained in {time.perf_counter() - start:.0f} s; written to {out}")
     return out

@@ -1,0 +1,109 @@
+"""Suites run in a second process, beside the main one: on a small machine each process keeps about one core
+busy, so a whole run takes about half the time it would in one process.
+
+Keras picks its backend once per process, so the backend-neutral suites run again on JAX in a process of their
+own. A whole TensorFlow run (one that includes `TEST`) also hands some of its own suites to the second process,
+to run there after the JAX ones: suites that stand alone, among them those that hold the most memory while they
+run (the full-size networks' memory goes back to the system with the process that held it).
+`tests/conftest.py` starts the second process as soon as the run's tests are collected; `TEST`, last in the
+main run, waits for it and fails with its report.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST = "tests/test_backends.py::test_the_second_processs_suites_pass"
+# What runs on both backends: schedulers, networks, the pipeline, mixed precision, the command line, LoRAs and
+# the other adapters, the notebooks' code paths, and one full-size network. One process runs them all, so
+# that programs compiled by one suite are reused from the compile cache by the next.
+JAX_SUITES = [
+    "tests/test_schedulers.py",
+    "tests/test_networks.py",
+    "tests/test_attention.py",
+    "tests/test_pipeline.py",
+    "tests/test_precision.py",
+    "tests/test_cli.py",
+    "tests/test_adapters.py",
+    "tests/test_notebooks.py::test_notebook_runs_top_to_bottom[text_to_image.ipynb]",
+    "tests/test_full_size.py::test_full_unet",
+]
+# The TensorFlow suites a whole run hands over: about a quarter of its time, which balances the two processes.
+TENSORFLOW_SUITES = [
+    "tests/test_full_size.py",
+    "tests/test_doctests.py",
+    "tests/test_notebooks.py",
+    "tests/test_shapes_model.py",
+    "tests/test_shapes_training.py",
+]
+
+
+def environment(backend):
+    return dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+
+
+def handed_over(nodeid):
+    """Whether a whole TensorFlow run gives the test ``nodeid`` to the second process."""
+    return nodeid.split("::")[0] in TENSORFLOW_SUITES
+
+
+class Run:
+    """`pytest` over the JAX suites, then over the TensorFlow tests handed over, one after the other in a
+    thread; their output goes to a temporary file."""
+
+    def __init__(self, tensorflow_tests=()):
+        self._output = tempfile.TemporaryFile(mode="w+")
+        self._runs = [("jax", JAX_SUITES)] + ([("tensorflow", list(tensorflow_tests))] if tensorflow_tests else [])
+        self._process = None
+        self._stopped = False
+        self._lock = threading.Lock()  # between starting a process and stopping the runs
+        self.returncodes = {}
+        self._thread = threading.Thread(target=self._run_all, daemon=True)
+        self._thread.start()
+
+    def _run_all(self):
+        for backend, tests in self._runs:
+            with self._lock:
+                if self._stopped:
+                    return
+                self._output.write(f"==== {backend}: pytest over {len(tests)} suites or tests\n")
+                self._output.flush()
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *tests], cwd=ROOT,
+                    env=environment(backend), stdout=self._output, stderr=subprocess.STDOUT, text=True,
+                    start_new_session=True)
+            self.returncodes[backend] = self._process.wait()
+
+    def wait(self, timeout):
+        """``({backend: exit status}, output)`` once every run has finished (stopped after ``timeout`` s)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.stop()
+        self._output.seek(0)
+        return dict(self.returncodes), self._output.read()
+
+    def stop(self):
+        """Ends the runs, where they are still going (the session ended before `TEST`)."""
+        with self._lock:
+            self._stopped = True
+            if self._process is not None and self._process.poll() is None:
+                os.killpg(self._process.pid, signal.SIGKILL)
+        self._thread.join()
+
+
+_started = []
+
+
+def start(tensorflow_tests=()):
+    """Starts the second process; `started` gives it back."""
+    _started.append(Run(tensorflow_tests))
+    return _started[-1]
+
+
+def started():
+    """The run `start` began in this process, or None."""
+    return _started[-1] if _started else None
