@@ -22,11 +22,6 @@ on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                    reason="runs the JAX suites from a TensorFlow run (this run is already on JAX)")
 
 
-def run_on(backend, args, timeout):
-    return subprocess.run([sys.executable, *args], cwd=second_process.ROOT,
-                          env=second_process.environment(backend), capture_output=True, text=True, timeout=timeout)
-
-
 @on_tensorflow
 def test_the_second_processs_suites_pass():
     """The second process that `tests/conftest.py` started with the run: the JAX suites, then the TensorFlow
@@ -35,8 +30,7 @@ def test_the_second_processs_suites_pass():
     returncodes, output = run.wait(timeout=3000)
     summaries = {backend: segment.strip().splitlines()[-1]
                  for backend, segment in re.findall(r"^==== (\w+): .*?\n(.*?)(?=^==== |\Z)", output, re.M | re.S)}
-    for backend, summary in summaries.items():
-        print(f"second process, {backend}: {summary}")
+    print(output)  # with -s: each run's slowest tests and its summary
     assert summaries and all(code == 0 for code in returncodes.values()), output[-11000:]
     assert set(summaries) == set(returncodes)
     for summary in summaries.values():
@@ -71,12 +65,17 @@ def test_same_seed_same_image_on_tensorflow_and_jax(tmp_path):
     R.make_reference_pipeline(seed=9).save_pretrained(folder)
     script = tmp_path / "generate.py"
     script.write_text(GENERATE)
-    runs = {}
+    processes = {}  # one per backend, side by side
     for backend in ("jax", "tensorflow"):
-        run = run_on(backend, [str(script), str(folder), str(tmp_path / f"{backend}.npy"), *SCHEDULERS],
-                     timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert json.loads(run.stdout.strip().splitlines()[-1])["backend"] == backend
+        command = [sys.executable, str(script), str(folder), str(tmp_path / f"{backend}.npy"), *SCHEDULERS]
+        processes[backend] = subprocess.Popen(command, cwd=second_process.ROOT,
+                                              env=second_process.environment(backend), stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True)
+    runs = {}
+    for backend, process in processes.items():
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+        assert json.loads(stdout.strip().splitlines()[-1])["backend"] == backend
         runs[backend] = np.load(tmp_path / f"{backend}.npy").astype(int)
     for scheduler, on_jax, on_tf in zip(SCHEDULERS, runs["jax"], runs["tensorflow"]):
         difference = np.abs(on_jax - on_tf)

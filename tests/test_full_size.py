@@ -2,6 +2,7 @@
 
 import gc
 
+import keras
 import numpy as np
 import pytest
 import torch
@@ -52,7 +53,9 @@ def test_full_unet(record_property):
     gc.collect()
     assert model.count_params() == parameters(torch_unet) == 859_520_964
     rng = np.random.default_rng(0)
-    for shape in [(1, 16, 16, 4), (1, 16, 24, 4)]:
+    # Two latent shapes on TensorFlow; the non-square one alone on JAX, where each shape is a minute of XLA.
+    shapes = [(1, 16, 24, 4)] if keras.backend.backend() == "jax" else [(1, 16, 16, 4), (1, 16, 24, 4)]
+    for shape in shapes:
         latents = rng.standard_normal(shape).astype("float32")
         t = np.array([801.0], "float32")
         context = rng.standard_normal((1, 77, 768)).astype("float32")
