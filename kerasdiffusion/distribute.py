@@ -139,6 +139,8 @@ def compile_function(function, variables, jit_compile=True, distribution=None):
 
     def call(*args):
         size = _batch_size(args)
+        if size % replicas == 0:  # no padding to take off again
+            return run(*args)
         outputs = run(*keras.tree.map_structure(lambda x: _pad(x, replicas), args))
         return keras.tree.map_structure(lambda x: x if _is_scalar(x) else x[:size], outputs)
 
@@ -193,6 +195,8 @@ def _tensorflow_replicated(function, strategy, jit_compile):
         return strategy.experimental_distribute_values_from_function(replica_slice)
 
     def call(*args):
+        if strategy.num_replicas_in_sync == 1:  # the one replica's slice is the whole batch
+            return run(args)
         return run(tf.nest.map_structure(sliced, args))
 
     return call

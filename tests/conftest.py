@@ -17,23 +17,33 @@ _CACHE = tempfile.mkdtemp(prefix="kerasdiffusion-test-cache-")
 os.environ["KERASDIFFUSION_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
-@pytest.hookimpl(trylast=True)
+# Options under which this run's own choice and order of tests must stand: the second process then runs the
+# JAX suites alone (with --lf, a handed-over test that failed is among the last failures, see `TEST`).
+_KEEP_EVERY_TEST_HERE = ("lf", "failedfirst", "newfirst", "stepwise", "collectonly")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """A TensorFlow run that includes `tests.second_process.TEST` starts the second process now, to run beside
-    this one; the tests it hands over leave this run (reported as deselected), and `TEST` goes last: by the
-    time it waits, everything else here is done."""
+    """A TensorFlow run that includes `tests.second_process.TEST` starts the second process once every other
+    plugin has chosen and ordered the tests (the outermost wrapper's code after ``yield`` comes last). The tests
+    it hands over leave this run (reported as deselected), and `TEST` goes last: by the time it waits, everything
+    else here is done. An xdist worker starts nothing: `TEST` starts a JAX-only run where it lands."""
     import keras
 
     from tests import second_process
 
+    result = yield
     waiting = [item for item in items if item.nodeid == second_process.TEST]
-    if not waiting or keras.backend.backend() != "tensorflow":
-        return
-    handed_over = [item for item in items if second_process.handed_over(item.nodeid)]
+    if not waiting or keras.backend.backend() != "tensorflow" or hasattr(config, "workerinput"):
+        return result
+    keep = any(config.getoption(option, False) for option in _KEEP_EVERY_TEST_HERE)
+    handed_over = [] if keep else [item for item in items if second_process.handed_over(item.nodeid)]
     items[:] = [item for item in items if item not in handed_over and item not in waiting] + waiting
     if handed_over:
         config.hook.pytest_deselected(items=handed_over)
-    second_process.start([item.nodeid for item in handed_over])
+    if not config.getoption("collectonly", False):
+        second_process.start([item.nodeid for item in handed_over])
+    return result
 
 
 def pytest_sessionfinish(session):

@@ -32,12 +32,24 @@ JAX_SUITES = [
     "tests/test_notebooks.py::test_notebook_runs_top_to_bottom[text_to_image.ipynb]",
     "tests/test_full_size.py::test_full_unet",
 ]
-# Left out of the JAX run: command-line tests of what does not depend on the backend once the pipeline is
-# tested on it (reading a PNG's parameters back, the built-in model's default size), a minute of JAX compiling.
+# Left out of the JAX run, each a program or more of JAX compiling for what the rest already shows there:
+# - command-line tests of what does not depend on the backend once the pipeline is tested on it (reading a
+#   PNG's parameters back, the built-in model's default size);
+# - the whole pipeline against diffusers with more schedulers than two: tests/test_schedulers.py compares every
+#   scheduler's loop with diffusers on JAX, and the pipeline's plumbing is the same for all of them;
+# - the compiled loop against the steps loop for the schedulers without state between steps or with the same
+#   kind as another (ddim; dpmpp_2m, whose history pndm's outgrows).
 JAX_LEFT_OUT = [
     "tests/test_cli.py::test_from_png_makes_the_same_image_again",
     "tests/test_cli.py::test_from_png_reads_automatic1111_parameters",
     "tests/test_cli.py::test_builtin_model_generates_at_its_own_size_and_names_itself",
+    *(f"tests/test_pipeline.py::test_generate_image_matches_diffusers[{name}]"
+      for name in ("pndm", "lms", "euler", "euler_ancestral", "dpmpp_2m_karras")),
+    *(f"tests/test_pipeline.py::test_sd2_v_prediction_pipeline_matches_diffusers[{name}]"
+      for name in ("euler", "dpmpp_2m")),
+    *(f"tests/test_pipeline.py::test_image_to_image_matches_diffusers[{name}]" for name in ("euler", "dpmpp_2m")),
+    *(f"tests/test_pipeline.py::test_compiled_loop_gives_the_images_of_the_steps_loop[{name}-True]"
+      for name in ("ddim", "dpmpp_2m")),
 ]
 # The TensorFlow suites a whole run hands over: about a quarter of its time, which balances the two processes.
 TENSORFLOW_SUITES = [
@@ -66,6 +78,7 @@ class Run:
         self._output = tempfile.TemporaryFile(mode="w+")
         jax = JAX_SUITES + [f"--deselect={test}" for test in JAX_LEFT_OUT]
         self._runs = [("jax", jax)] + ([("tensorflow", list(tensorflow_tests))] if tensorflow_tests else [])
+        self.backends = [backend for backend, _ in self._runs]
         self._process = None
         self._stopped = False
         self._lock = threading.Lock()  # between starting a process and stopping the runs
@@ -99,7 +112,10 @@ class Run:
         with self._lock:
             self._stopped = True
             if self._process is not None and self._process.poll() is None:
-                os.killpg(self._process.pid, signal.SIGKILL)
+                try:
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended since
+                    pass
         self._thread.join()
 
 

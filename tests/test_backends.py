@@ -23,18 +23,25 @@ on_tensorflow = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
 
 
 @on_tensorflow
-def test_the_second_processs_suites_pass():
+def test_the_second_processs_suites_pass(request):
     """The second process that `tests/conftest.py` started with the run: the JAX suites, then the TensorFlow
-    tests this run handed over, each ending in pytest's summary line."""
+    tests this run handed over, each run ending in pytest's summary line. A handed-over test that fails is
+    recorded among this run's last failures, so that ``--lf`` runs it again."""
     run = second_process.started() or second_process.start()
     returncodes, output = run.wait(timeout=3000)
-    summaries = {backend: segment.strip().splitlines()[-1]
-                 for backend, segment in re.findall(r"^==== (\w+): .*?\n(.*?)(?=^==== |\Z)", output, re.M | re.S)}
     print(output)  # with -s: each run's slowest tests and its summary
-    assert summaries and all(code == 0 for code in returncodes.values()), output[-11000:]
-    assert set(summaries) == set(returncodes)
-    for summary in summaries.values():
-        assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+    failed = re.findall(r"^(?:FAILED|ERROR) (tests/.+?)(?: - .*)?$", output, re.M)
+    last_failed = request.config.pluginmanager.get_plugin("lfplugin")
+    if last_failed is not None:
+        last_failed.lastfailed.update(dict.fromkeys(failed, True))
+    segments = re.findall(r"^==== (\w+): .*?\n(.*?)(?=^==== |\Z)", output, re.M | re.S)
+    summaries = {backend: re.findall(r"^=*\s*(\d+ \w+.* in [\d.]+s.*?)\s*=*$", segment, re.M)[-1:]
+                 for backend, segment in segments}
+    assert set(returncodes) == set(summaries) == set(run.backends), ("not every run finished", output[-11000:])
+    assert all(code == 0 for code in returncodes.values()), output[-11000:]
+    for backend, summary in summaries.items():
+        assert summary and " passed" in summary[0], (backend, output[-11000:])
+        assert "skipped" not in summary[0] and "failed" not in summary[0], (backend, summary)
 
 
 SCHEDULERS = ["dpmpp_2m", "euler_ancestral"]
@@ -72,11 +79,17 @@ def test_same_seed_same_image_on_tensorflow_and_jax(tmp_path):
                                               env=second_process.environment(backend), stdout=subprocess.PIPE,
                                               stderr=subprocess.PIPE, text=True)
     runs = {}
-    for backend, process in processes.items():
-        stdout, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
-        assert json.loads(stdout.strip().splitlines()[-1])["backend"] == backend
-        runs[backend] = np.load(tmp_path / f"{backend}.npy").astype(int)
+    try:
+        for backend, process in processes.items():
+            stdout, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-3000:]
+            assert json.loads(stdout.strip().splitlines()[-1])["backend"] == backend
+            runs[backend] = np.load(tmp_path / f"{backend}.npy").astype(int)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
     for scheduler, on_jax, on_tf in zip(SCHEDULERS, runs["jax"], runs["tensorflow"]):
         difference = np.abs(on_jax - on_tf)
         print(f"{scheduler}: TensorFlow against JAX, same seed: mean {difference.mean():.4f}, max "

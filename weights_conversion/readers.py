@@ -108,7 +108,8 @@ class LazyTensor:
     tensor's bytes at the offset the library validated (bf16 then widened to float32), without parsing
     the header again for each of a network's hundreds of tensors. A file that changed since its header
     was validated (another size, inode or modification time) is a `CheckpointError`, not a read at stale
-    offsets.
+    offsets; a rewrite in place that keeps all three (``cp -p`` over it) is not seen, but no read goes past
+    the end of the file.
 
     Example:
     >>> import numpy as np, os, tempfile

@@ -125,7 +125,7 @@ def _fit(trainer, data, steps, checkpoint, log, label):
         callbacks = [CheckpointEvery(checkpoint, CHECKPOINT_EVERY, first_step, steps, label),
                      ProgressBar(first_step, steps)]
         trainer.fit(data(first_step), epochs=1, steps_per_epoch=steps - first_step, callbacks=callbacks,
-                    verbose=0, shuffle=False)  # the batches come in the recipe's own order
+                    verbose=0, shuffle=False)  # `batches` orders them; Keras warns otherwise
         log(f"{label}: steps {first_step + 1}-{steps} in {time.perf_counter() - start:.0f} s")
     else:
         trainer.optimizer.finalize_variable_values(trainer.trainable_weights)
