@@ -216,6 +216,31 @@ def _jax_sharded(compiled, distribution):
     return call
 
 
+def input_share(count, worker_index, worker_count, replicas=1):
+    """The items ``0 .. count - 1`` that input pipeline ``worker_index`` of ``worker_count`` reads, in order.
+
+    TensorFlow: a ``tf.data.Dataset.range(count)`` sharded by the worker's `tf.distribute.InputContext`, the
+    context a strategy's ``distribute_datasets_from_function`` hands each worker (``replicas``: the worker's
+    own, so the context counts every replica of the job). JAX: the same rule by process, every
+    ``worker_count``-th item from ``worker_index``. Together the workers read each item exactly once.
+
+    Example:
+
+    >>> [input_share(5, index, 2) for index in range(2)]
+    [[0, 2, 4], [1, 3]]
+    """
+    if not 0 <= worker_index < worker_count:
+        raise ValueError(f"worker {worker_index} of {worker_count} does not exist")
+    if backend.name() != "tensorflow":
+        return list(range(worker_index, count, worker_count))
+    import tensorflow as tf
+
+    context = tf.distribute.InputContext(num_input_pipelines=worker_count, input_pipeline_id=worker_index,
+                                         num_replicas_in_sync=worker_count * replicas)
+    items = tf.data.Dataset.range(count).shard(context.num_input_pipelines, context.input_pipeline_id)
+    return [int(item) for item in items.as_numpy_iterator()]
+
+
 def local_distribution(count=None):
     """Data parallelism over the first ``count`` devices of this host (all of them: None); None for one device.
 

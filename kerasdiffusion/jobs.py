@@ -11,8 +11,8 @@ A job goes through four steps, each a function of its own:
    it is image ``i`` of ``kerasdiffusion generate PROMPT --seed s --batch-size N``.
 3. `plan_batches`: tasks grouped by what needs a program of its own (`program_key`: size, steps, guidance,
    prompt length), each group cut into global batches, so each shape compiles once; `worker_batches` is a
-   worker's share (``batches[worker.index::worker.count]``: `tf.data.Dataset.shard`'s rule, with the
-   worker as the input pipeline of `tf.distribute.InputContext`).
+   worker's share: the batches its input pipeline reads (on TensorFlow, ``tf.data`` sharded by the worker's
+   `tf.distribute.InputContext`).
 4. `run_job`: claims the folder (``job.json``: a job's model, settings and prompts file hash; another job
    is refused with `JobConflictError`), reads what the manifest says is finished (`read_manifest`), and
    makes the rest: each PNG written durably, then its manifest line appended and synced. A rerun after a
@@ -352,10 +352,13 @@ def plan_batches(tasks, batch_size, chunks=None):
             for key, group in groups.items() for start in range(0, len(group), batch_size)]
 
 
-def worker_batches(batches, worker):
-    """A worker's share of the batches: every ``count``-th from its ``index``, as `tf.data.Dataset.shard`
-    splits a dataset between input pipelines. Together the workers cover each batch exactly once."""
-    return batches[worker.index::worker.count]
+def worker_batches(batches, worker, replicas=1):
+    """A worker's share of the batches: those its input pipeline reads (`distribute.input_share`: on
+    TensorFlow a ``tf.data`` pipeline sharded by the worker's `tf.distribute.InputContext`, on JAX the same
+    rule by process). Together the workers cover each batch exactly once. ``replicas``: the worker's devices."""
+    from kerasdiffusion import distribute  # Keras, so not at import: the command line checks a job before it loads
+
+    return [batches[number] for number in distribute.input_share(len(batches), *worker, replicas)]
 
 
 def prompt_chunks(sd):
@@ -602,13 +605,16 @@ def run_job(sd, job, folder, worker=None, progress=True):
     """
     from tqdm.auto import tqdm
 
+    from kerasdiffusion import distribute  # Keras, so not at import: the command line checks a job before it loads
+
     worker = worker or current_worker()
     job = with_image_size(job, sd.img_width, sd.img_height)
     model_hash = sources.model_hash(sd.source)
     claim_folder(folder, job_description(sd, job, model_hash))
     finished = read_manifest(folder)
     tasks = job_tasks(job.records)
-    batches = worker_batches(plan_batches(tasks, job.settings.batch_size, prompt_chunks(sd)), worker)
+    devices = distribute.replica_count(sd.distribution)
+    batches = worker_batches(plan_batches(tasks, job.settings.batch_size, prompt_chunks(sd)), worker, devices)
     todo = [batch for batch in batches if any(task.id not in finished for task in batch.tasks)]
     count = sum(task.id not in finished for batch in todo for task in batch.tasks)
     pipelines = {}
@@ -632,9 +638,7 @@ def run_job(sd, job, folder, worker=None, progress=True):
     if worker.count > 1:
         write_merged_manifest(folder, tasks)
     skipped = sum(task.id in finished for batch in batches for task in batch.tasks)
-    from kerasdiffusion import distribute  # Keras, so not at import: the command line checks a job before it loads
-
-    return JobSummary(count, skipped, seconds, distribute.replica_count(sd.distribution))
+    return JobSummary(count, skipped, seconds, devices)
 
 
 def current_worker():

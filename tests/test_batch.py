@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kerasdiffusion import jobs, sources
+from kerasdiffusion import distribute, jobs, sources
 from kerasdiffusion.cli import main
 from tests import reference as R
 
@@ -131,6 +131,13 @@ def test_tasks_are_grouped_by_program_and_shared_between_workers_once(prompts):
     shares = [jobs.worker_batches(batches, jobs.Worker(index, 2)) for index in range(2)]
     made = [task.id for share in shares for batch in share for task in batch.tasks]
     assert sorted(made) == sorted(TASKS)
+    for count in range(1, 8):  # the tf.data shards: every item once, each worker's in the job's order
+        for workers in range(1, 4):
+            shares = [distribute.input_share(count, index, workers, replicas=2) for index in range(workers)]
+            assert sorted(sum(shares, [])) == list(range(count)) and all(s == sorted(s) for s in shares)
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError, match="worker 2 of 2 does not exist"):
+        jobs.worker_batches(batches, jobs.Worker(2, 2))
     assert jobs.tf_config_worker(json.dumps({"cluster": {"chief": ["h:1"], "worker": ["h:2", "h:3"]},
                                              "task": {"type": "worker", "index": 0}})) == jobs.Worker(1, 3)
 
