@@ -91,6 +91,11 @@ class Scene:
         return {"shape": self.shape, "colour": self.colour, "background": self.background, "size": self.size,
                 "position": self.position}
 
+    def centre(self):
+        """The centre of the shape's bounding box, ``(x, y)`` in pixels at 64x64: its place plus its jitter."""
+        (x, y), _ = POSITIONS[self.position]
+        return x + self.offset[0], y + self.offset[1]
+
     def is_held_out(self):
         return (self.shape, self.colour, self.background) in HELD_OUT
 
@@ -117,8 +122,7 @@ def _coverage(scene):
     """``[64, 64]`` in [0, 1]: how much of each pixel the shape covers."""
     n = RESOLUTION * _SUPERSAMPLING
     y, x = (np.mgrid[0:n, 0:n] + 0.5) / _SUPERSAMPLING
-    (cx, cy), _ = POSITIONS[scene.position]
-    cx, cy, half = cx + scene.offset[0], cy + scene.offset[1], SIZES[scene.size] / 2
+    (cx, cy), half = scene.centre(), SIZES[scene.size] / 2
     u, v = (x - cx) / half, (y - cy) / half  # the bounding box is [-1, 1]^2
     if scene.shape == "circle":
         inside = u**2 + v**2 <= 1

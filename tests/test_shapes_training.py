@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from kerasdiffusion import load_components
+from kerasdiffusion import load_components, shapes
 from kerasdiffusion.training import run as run_module
 from kerasdiffusion.training import shapes_model
 from kerasdiffusion.training.autoencoder import AutoencoderTrainer, kl_divergence, match_scaling_factor
@@ -101,6 +101,22 @@ def test_rescaled_latents_have_unit_spread_and_decode_the_same(reference):
     assert factor != pytest.approx(1.0)
     assert (means(encoder) * 0.18215).std() == pytest.approx(1.0, rel=1e-4)
     np.testing.assert_allclose(np.asarray(decoder(means(encoder))), decoded, atol=2e-5)
+
+
+def test_centred_crops_hold_the_shape_and_lie_on_the_latent_grid():
+    """Every crop of the autoencoder's batches shows its picture's shape, at a place that is a multiple of 8."""
+    scenes = shapes.sample_scenes(0, 40)
+    pictures = np.stack([shapes.render(scene) for scene in scenes])
+    rows = np.arange(len(scenes), dtype=np.int32)[:, None, None, None] * np.ones((1, 64, 64, 1), np.int32)
+    centres = np.array([scene.centre() for scene in scenes])
+    data = shapes_model.batches({"images": pictures, "rows": rows}, 8, seed=3, crop=32, centres=centres)
+    for batch in data.take(5):
+        for crop, row in zip(np.asarray(batch["images"]), np.asarray(batch["rows"])[:, 0, 0, 0]):
+            colour = np.array(shapes.PALETTE[scenes[row].colour])
+            assert (np.abs(crop.astype(int) - colour).sum(-1) == 0).sum() >= 25, scenes[row]
+            corners = [(y, x) for y in range(0, 33, 8) for x in range(0, 33, 8)
+                       if np.array_equal(pictures[row, y:y + 32, x:x + 32], crop)]
+            assert corners, "the crop is not at a place on the latent grid"
 
 
 TINY_RECIPE = shapes_model.Recipe(pictures=8, vae_steps=1, vae_batch_size=2, diffusion_steps=3, batch_size=2,

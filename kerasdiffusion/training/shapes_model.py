@@ -8,13 +8,15 @@ trained here from random weights in five stages:
 
 1. **Data**: scenes from the seed (`kerasdiffusion.shapes`, the held-out combinations excluded), drawn at
    64x64, captioned.
-2. **Autoencoder**: `AutoencoderTrainer` (L1 + KL); then the latent space is rescaled so that latents times
-   Stable Diffusion's 0.18215 have unit spread (`match_scaling_factor`), so the model needs no new constant.
+2. **Autoencoder**: `AutoencoderTrainer` (L1 + KL) on 32x32 crops placed over the shape (a picture is mostly
+   plain background, which a crop anywhere often holds alone); then the latent space is rescaled so that
+   latents times Stable Diffusion's 0.18215 have unit spread (`match_scaling_factor`), so the model needs no
+   new constant.
 3. **Latents**: every picture encoded once; the diffusion step samples from the cached posteriors.
 4. **Diffusion**: the UNet and the text encoder together, with the training objective of every Stable
    Diffusion (`Trainer`, method ``"full"`` with ``train_text_encoder=True``); one caption in ten is replaced
    by the empty prompt, so the model also learns the unconditional prediction that guidance steers from.
-   AdamW, and the weights' exponential moving average is what is kept.
+   Min-SNR-γ weighting, AdamW, and the weights' exponential moving average is what is kept.
 5. **Result**: a converted folder in float16 (what ``from_pretrained`` reads), written atomically.
 
 `adherence` measures the result: how often its pictures show what their prompts ask, read from the pixels
@@ -54,17 +56,19 @@ class Recipe:
 
     seed: int = 0
     pictures: int = 20000
-    vae_steps: int = 1500
+    vae_steps: int = 2000
     vae_batch_size: int = 32
     vae_crop: int = 32  # the autoencoder learns from crops (it is convolutional): a quarter of the work per item
+    vae_centred: bool = True  # crops over the shape, not anywhere: no item is background alone
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-6
-    diffusion_steps: int = 7000
+    diffusion_steps: int = 5000
     batch_size: int = 32
     learning_rate: float = 6e-4
     warmup_steps: int = 200
     caption_dropout: float = 0.1
     ema_momentum: float = 0.998
+    snr_gamma: float = 5.0  # min-SNR-γ weighting (Hang et al. 2023): the noisy steps, where layout is decided, count
 
 
 # ------------------------------------------------------------------------------------------------ 1. data
@@ -77,21 +81,28 @@ def pictures(recipe):
     return scenes, images
 
 
-def batches(arrays, batch_size, seed, first_step=0, crop=None):
+def batches(arrays, batch_size, seed, first_step=0, crop=None, centres=None):
     """An endless `tf.data.Dataset` whose step ``k`` batch is rows drawn from ``(seed, k)``: a resumed run
     sees the batches an uninterrupted one would have. With ``crop``, each item is a ``crop`` x ``crop`` square
-    of its picture at a random place on the latent grid (every 8 pixels)."""
+    of its picture on the latent grid (every 8 pixels): at a random place, or, given each row's shape
+    ``centres`` (``[N, 2]``, x and y), at the grid place nearest to centring the shape, moved by up to 6
+    pixels either way."""
     import tensorflow as tf
 
     count = len(next(iter(arrays.values())))
+    last = shapes.RESOLUTION - (crop or 0)
 
     def batch(step):
         rng = np.random.default_rng((seed, int(step)))
         rows = rng.integers(count, size=batch_size)
         if crop is None:
             return tuple(array[rows] for array in arrays.values())
-        places = 8 * rng.integers((shapes.RESOLUTION - crop) // 8 + 1, size=(batch_size, 2))
-        return tuple(np.stack([array[row, y:y + crop, x:x + crop] for row, (y, x) in zip(rows, places)])
+        if centres is None:
+            places = 8 * rng.integers(last // 8 + 1, size=(batch_size, 2))
+        else:
+            corners = centres[rows] - crop / 2 + rng.integers(-6, 7, size=(batch_size, 2))
+            places = np.clip(8 * np.round(corners / 8), 0, last).astype(int)
+        return tuple(np.stack([array[row, y:y + crop, x:x + crop] for row, (x, y) in zip(rows, places)])
                      for array in arrays.values())
 
     def item_shape(array):
@@ -139,7 +150,7 @@ def _optimizer(learning_rate, steps, warmup_steps, ema_momentum=None):
     return keras.optimizers.AdamW(schedule, weight_decay=1e-4, use_ema=True, ema_momentum=ema_momentum)
 
 
-def train_autoencoder(recipe, images, work, log=print, jit_compile=True, run_eagerly=False):
+def train_autoencoder(recipe, scenes, images, work, log=print, jit_compile=True, run_eagerly=False):
     """Stage 2: the image encoder and decoder, rescaled to Stable Diffusion's latent scale."""
     from kerasdiffusion.training.autoencoder import AutoencoderTrainer, match_scaling_factor
     from kerasdiffusion.vae import build_decoder, build_image_encoder
@@ -149,8 +160,9 @@ def train_autoencoder(recipe, images, work, log=print, jit_compile=True, run_eag
     trainer = AutoencoderTrainer(encoder, decoder, kl_weight=recipe.kl_weight, seed=recipe.seed)
     trainer.compile(optimizer=_optimizer(recipe.vae_learning_rate, recipe.vae_steps, 100), jit_compile=jit_compile,
                     run_eagerly=run_eagerly)
+    centres = np.array([scene.centre() for scene in scenes]) if recipe.vae_centred else None
     _fit(trainer, lambda first: batches({"images": images}, recipe.vae_batch_size, recipe.seed + 1, first,
-                                        recipe.vae_crop),
+                                        recipe.vae_crop, centres),
          recipe.vae_steps, os.path.join(work, "autoencoder.safetensors"), log, "autoencoder")
     factor = match_scaling_factor(encoder, decoder, images[:2048], VAE.scaling_factor)
     log(f"autoencoder: latents multiplied by {factor:.4f} to unit spread at scaling factor {VAE.scaling_factor}")
@@ -182,7 +194,8 @@ def train_diffusion(recipe, scenes, images, encoder, decoder, work, log=print, j
     parts = Components(tokenizer=tokenizer, text_encoder=build_text_encoder(TEXT_ENCODER),
                        diffusion_model=build_unet(UNET), image_encoder=encoder, decoder=decoder,
                        family=C.SHAPES, vae_config=VAE, image_size=shapes.RESOLUTION, source=SOURCE_NAME)
-    trainer = Trainer(parts, method="full", train_text_encoder=True, seed=recipe.seed + 2)
+    trainer = Trainer(parts, method="full", train_text_encoder=True, snr_gamma=recipe.snr_gamma,
+                      seed=recipe.seed + 2)
     trainer.compile(optimizer=_optimizer(recipe.learning_rate, recipe.diffusion_steps, recipe.warmup_steps,
                                          recipe.ema_momentum), jit_compile=jit_compile, run_eagerly=run_eagerly)
     _fit(trainer, lambda first: batches({"token_ids": token_ids, "moments": moments}, recipe.batch_size,
@@ -218,7 +231,7 @@ def train(recipe, out, work, log=print, jit_compile=True, run_eagerly=False):
     with open(recorded, "w", encoding="utf-8") as file:
         json.dump(dataclasses.asdict(recipe), file, indent=2)
     scenes, images = pictures(recipe)
-    encoder, decoder = train_autoencoder(recipe, images, work, log, jit_compile, run_eagerly)
+    encoder, decoder = train_autoencoder(recipe, scenes, images, work, log, jit_compile, run_eagerly)
     parts = train_diffusion(recipe, scenes, images, encoder, decoder, work, log, jit_compile, run_eagerly)
     save_model(parts, out)
     log(f"trained in {time.perf_counter() - start:.0f} s; written to {out}")
@@ -283,8 +296,12 @@ def main(argv=None):
     parser.add_argument("--work", default=None, help="checkpoints, to resume from after a kill (default: OUT.work)")
     defaults = Recipe()
     for field in dataclasses.fields(Recipe):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{field.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                                default=default)
+        else:
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default)
     args = parser.parse_args(argv)
     recipe = Recipe(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Recipe)})
     work = args.work or args.out.rstrip("/") + ".work"
