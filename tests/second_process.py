@@ -19,8 +19,9 @@ import threading
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST = "tests/test_backends.py::test_the_second_processs_suites_pass"
 # What runs on both backends: schedulers, networks, the pipeline, mixed precision, the command line, LoRAs and
-# the other adapters, the notebooks' code paths, and one full-size network. One process runs them all, so
-# that programs compiled by one suite are reused from the compile cache by the next.
+# the other adapters, the notebooks' code paths, one full-size network, and how a batch job is shared between
+# workers. One process runs them all, so that programs compiled by one suite are reused from the compile cache
+# by the next.
 JAX_SUITES = [
     "tests/test_schedulers.py",
     "tests/test_networks.py",
@@ -31,6 +32,7 @@ JAX_SUITES = [
     "tests/test_adapters.py",
     "tests/test_notebooks.py::test_notebook_runs_top_to_bottom[text_to_image.ipynb]",
     "tests/test_full_size.py::test_full_unet",
+    "tests/test_batch.py::test_tasks_are_grouped_by_program_and_shared_between_workers_once",  # input_share
 ]
 # Left out of the JAX run, each a program or more of JAX compiling for what the rest already shows there:
 # - command-line tests of what does not depend on the backend once the pipeline is tested on it (reading a
