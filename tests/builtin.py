@@ -30,16 +30,9 @@ class ModelConfigs:
     vae: C.VAEConfig
 
 
-# The built-in model's networks (SD 1.x family, the shipped CLIP vocabulary; the loader reads a text encoder's heads
-# as its width over 64, so one head here).
-SHAPES_CONFIGS = ModelConfigs(
-    text_encoder=C.TextEncoderConfig(width=64, num_layers=2, num_heads=1, mlp_dim=256),
-    unet=C.UNetConfig(block_channels=(64, 96, 96), attention_levels=(True, True, True), layers_per_level=1,
-                      context_dim=64, num_heads=8),
-    vae=C.VAEConfig(block_channels=(32, 64, 64, 64), layers_per_level=1),
-)
-# Smaller still, for the tests: the full vocabulary (the shipped tokenizer's), 64-wide heads (what the loader reads
-# from an SD 1.x text encoder's width), four VAE levels (8 pixels a latent).
+# Smaller than the built-in model (its sizes are `kerasdiffusion.training.shapes_model`'s), for the tests: the
+# full vocabulary (the shipped tokenizer's), 64-wide heads (what the loader reads from an SD 1.x text encoder's
+# width), four VAE levels (8 pixels a latent).
 TINY_CONFIGS = ModelConfigs(
     text_encoder=C.TextEncoderConfig(width=64, num_layers=1, num_heads=1, mlp_dim=64),
     unet=C.UNetConfig(block_channels=(32, 32), attention_levels=(True, False), layers_per_level=1, context_dim=64,

@@ -15,7 +15,9 @@ import numpy as np
 STEPS = 2
 SIZE = 64
 SEED = 5
-BATCH_SIZES = (1, 2, 3)
+# MirroredStrategy's cases: each loop at a batch size two replicas split evenly (2, the steps loop) or not
+# (1: a replica with padding only; 3: padding, the compiled loop), each a few programs to build.
+MIRRORED = {"steps": (2,), "compiled": (1, 3)}
 PROMPTS = ["a photograph of an astronaut riding a horse", "a cat", "a red door"]
 
 
@@ -39,11 +41,12 @@ def largest_difference(a, b):
     return int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max())
 
 
-def compare(single, distributed, loops, batch_sizes=BATCH_SIZES):
-    """``{"loop/batch": largest difference}`` of ``distributed`` against ``single``. Each image depends only
-    on its prompt and its key ``(seed, index)``, so the one-device run makes the largest batch once."""
+def compare(single, distributed, cases):
+    """``{"loop/batch": largest difference}`` of ``distributed`` against ``single`` for ``cases``, ``{loop:
+    batch sizes}``. Each image depends only on its prompt and its key ``(seed, index)``, so the one-device run
+    makes the largest batch once."""
     differences = {}
-    for loop in loops:
+    for loop, batch_sizes in cases.items():
         expected = generate(single, loop, max(batch_sizes))
         for batch_size in batch_sizes:
             ours = generate(distributed, loop, batch_size)
@@ -79,7 +82,7 @@ def main(folder):
                                                   jit_compile=True, scheduler="euler_ancestral",
                                                   distribution=data_parallel)
         # 3 does not divide between the two devices: padding, sharding and gathering all happen.
-        report["data_parallel"] = compare(single, sharded, ["compiled"], batch_sizes=(3,))
+        report["data_parallel"] = compare(single, sharded, {"compiled": (3,)})
         report["data_parallel_placement"] = placement(sharded)
     else:
         import tensorflow as tf
@@ -87,7 +90,7 @@ def main(folder):
         mirrored = StableDiffusion.from_components(single.components, img_width=SIZE, img_height=SIZE,
                                                    jit_compile=False, scheduler="euler_ancestral",
                                                    distribution=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-        report["mirrored"] = compare(single, mirrored, ["steps", "compiled"])
+        report["mirrored"] = compare(single, mirrored, MIRRORED)
         report["mirrored_placement"] = placement(mirrored)
         try:
             StableDiffusion(jit_compile=True, distribution=tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
@@ -97,7 +100,7 @@ def main(folder):
         # Networks loaded under the strategy's scope (from_pretrained), rather than copied into it.
         one_device = StableDiffusion.from_pretrained(folder, jit_compile=False,
                                                      distribution=tf.distribute.OneDeviceStrategy("/cpu:1"), **keywords)
-        report["one_device"] = compare(single, one_device, ["compiled"], batch_sizes=(3,))
+        report["one_device"] = compare(single, one_device, {"compiled": (3,)})
         report["one_device_placement"] = placement(one_device)
     print(json.dumps(report))
 

@@ -53,8 +53,11 @@ JAX_LEFT_OUT = [
     *(f"tests/test_pipeline.py::test_compiled_loop_gives_the_images_of_the_steps_loop[{name}-True]"
       for name in ("ddim", "dpmpp_2m")),
 ]
-# The TensorFlow suites a whole run hands over: about a quarter of its time, which balances the two processes.
+# The TensorFlow suites a whole run hands over: about a third of its time, which balances the two processes
+# (the JAX suites take the other process about as long as the rest of the run takes this one).
 TENSORFLOW_SUITES = [
+    "tests/test_distribution.py",
+    "tests/test_batch.py",
     "tests/test_full_size.py",
     "tests/test_doctests.py",
     "tests/test_notebooks.py",

@@ -45,7 +45,11 @@ TEXT_ENCODER = dataclasses.replace(C.SHAPES.text_encoder, width=64, num_layers=2
 # group keep it.
 UNET = dataclasses.replace(C.SHAPES.unet, block_channels=(64, 96, 96), attention_levels=(True, True, True),
                            layers_per_level=1, context_dim=TEXT_ENCODER.width)
-VAE = dataclasses.replace(C.SHAPES.vae, block_channels=(32, 64, 64, 64), layers_per_level=1)
+# The autoencoder's two finest levels are its narrowest: their convolutions at full and half resolution cost
+# most of its step, and plain-coloured shapes need few features there. At 16/32 channels a step costs half
+# of what 32/64 did, and 500 steps of either read back shapes alike (40% and 36%), so the same time buys
+# twice the steps.
+VAE = dataclasses.replace(C.SHAPES.vae, block_channels=(16, 32, 64, 64), layers_per_level=1)
 SOURCE_NAME = "kerasdiffusion/shapes"
 CHECKPOINT_EVERY = 250  # steps
 
@@ -56,13 +60,13 @@ class Recipe:
 
     seed: int = 0
     pictures: int = 20000
-    vae_steps: int = 2000
+    vae_steps: int = 3000
     vae_batch_size: int = 32
     vae_crop: int = 32  # the autoencoder learns from crops (it is convolutional): a quarter of the work per item
     vae_centred: bool = True  # crops over the shape, not anywhere: no item is background alone
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-6
-    diffusion_steps: int = 5000
+    diffusion_steps: int = 4000
     batch_size: int = 32
     learning_rate: float = 6e-4
     warmup_steps: int = 200
