@@ -56,9 +56,8 @@ def export(components, out, format="diffusers"):
     >>> import kerasdiffusion as kd
     >>> sd = kd.StableDiffusion.from_pretrained("kerasdiffusion/shapes")
     >>> path = kd.export(sd.components, os.path.join(tempfile.mkdtemp(), "my-model"), format="diffusers")
-    >>> again = kd.load_components(path, cache=False)  # loads back as the same model
-    >>> again.family.name, again.image_size
-    ('sd1', 64)
+    >>> sorted(os.listdir(path))
+    ['model_index.json', 'scheduler', 'text_encoder', 'tokenizer', 'unet', 'vae']
     """
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; expected one of {', '.join(FORMATS)}")

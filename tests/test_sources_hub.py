@@ -376,9 +376,10 @@ def test_a_missing_builtin_folder_is_one_clear_error(monkeypatch, tmp_path):
 
 
 def test_the_shipped_builtin_model_is_issue_16s_and_runs_at_64_pixels(shipped_shapes):
-    """The package's own weights (skipped until they are committed): float16, the configs issue 16 trained, and
-    64x64 images by default, loaded by name alone."""
+    """The package's own weights (skipped until they are committed): float16, the sizes its recipe trains
+    (`shapes_model`), and 64x64 images by default, loaded by name alone."""
     from kerasdiffusion import config
+    from kerasdiffusion.training.shapes_model import TEXT_ENCODER, UNET, VAE
 
     converted = sources.resolve(shipped_shapes)
     assert converted.image_size == 64 and converted.tokenizer_dir is None  # the shipped CLIP vocabulary
@@ -387,11 +388,14 @@ def test_the_shipped_builtin_model_is_issue_16s_and_runs_at_64_pixels(shipped_sh
     unet = config.unet_config_from_weights(converted.weights["unet"])
     vae = config.vae_config_from_weights(converted.weights["vae"])
     assert converted.family == "shapes" and config.FAMILIES["shapes"].vae.norm_groups == 8
-    assert (text_encoder.width, text_encoder.num_layers, text_encoder.mlp_dim, text_encoder.vocab_size) == (
-        64, 2, 256, 49408)
-    assert (unet.block_channels, unet.attention_levels, unet.layers_per_level, unet.context_dim, unet.num_heads) == (
-        (64, 96, 96), (True, True, True), 1, 64, 8)
-    assert (vae.block_channels, vae.layers_per_level) == ((32, 64, 64, 64), 1)
+
+    def same(ours, recipe, *fields):
+        return all(getattr(ours, field) == getattr(recipe, field) for field in fields)
+
+    assert text_encoder.vocab_size == 49408
+    assert same(text_encoder, TEXT_ENCODER, "width", "num_layers", "mlp_dim")
+    assert same(unet, UNET, "block_channels", "attention_levels", "layers_per_level", "context_dim", "num_heads")
+    assert same(vae, VAE, "block_channels", "layers_per_level")
     images = load(shipped_shapes, img_width=None, img_height=None).text_to_image(
         "a red circle on a blue background", num_steps=2, seed=0, verbose=False)
     assert images.shape == (1, 64, 64, 3) and images.std() > 1
