@@ -143,13 +143,19 @@ def _scheduler_config(converted, family, prediction_type):
 
 
 def _family(converted):
-    """The family a source names (a converted folder's manifest), else the one its text encoder's width gives."""
+    """The family a source names (a converted folder's manifest), else the one its text encoder's width gives;
+    with the group-norm group counts the source gives (a diffusers folder's configs), where it gives them."""
     if converted.family is None:
-        return C.family_from_weights(converted.weights["text_encoder"])
-    if converted.family not in C.FAMILIES:
+        family = C.family_from_weights(converted.weights["text_encoder"])
+    elif converted.family not in C.FAMILIES:
         raise ValueError(f"{converted.source}: unknown model family {converted.family!r}; this version knows "
                          f"{', '.join(C.FAMILIES)}")
-    return C.FAMILIES[converted.family]
+    else:
+        family = C.FAMILIES[converted.family]
+    changes = {network: dataclasses.replace(getattr(family, network), norm_groups=count)
+               for network, count in (converted.norm_groups or {}).items()
+               if getattr(family, network).norm_groups != count}
+    return dataclasses.replace(family, **changes) if changes else family
 
 
 def load_components(source=sources.DEFAULT_MODEL, precision=None, revision=None, cache=None, progress=True,

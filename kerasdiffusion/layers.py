@@ -13,6 +13,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from kerasdiffusion import backend
+
 _TO_BE_LOADED = contextvars.ContextVar("kerasdiffusion_to_be_loaded", default=None)
 # A layer's initializer arguments -> the name of the variable each one makes.
 _VARIABLES = {"kernel_initializer": "kernel", "bias_initializer": "bias", "gamma_initializer": "gamma",
@@ -34,7 +36,8 @@ class Unset(keras.initializers.Initializer):
 @keras.saving.register_keras_serializable(package="kerasdiffusion")
 class Loaded(Unset):
     """A variable's value from the checkpoint being loaded, read when the variable is made, so the weights
-    are never held twice; `Unset` where the checkpoint has no tensor of that name and shape, which the strict
+    are never held twice (a file's tensor stored as it is goes to the backend without NumPy:
+    `backend.tensor_from_file`); `Unset` where the checkpoint has no tensor of that name and shape, which the strict
     check after building then reports (`weights.check_weights`). It lets go of the checkpoint once used, and
     a saved network carries its values, so it serializes as nothing more than `Unset`."""
 
@@ -46,7 +49,12 @@ class Loaded(Unset):
         self.weights = None
         if tensor is None or tuple(tensor.shape) != tuple(shape):
             return super().__call__(shape, dtype)
-        return np.asarray(tensor).astype(keras.backend.standardize_dtype(dtype or "float32"), copy=False)
+        dtype = keras.backend.standardize_dtype(dtype or "float32")
+        if getattr(tensor, "stored_as_is", False) and tensor.dtype == dtype:  # a file's tensor, as it is stored
+            made = backend.tensor_from_file(tensor)
+            if made is not None:
+                return made
+        return np.asarray(tensor).astype(dtype, copy=False)
 
     def get_config(self):
         return {}

@@ -1,4 +1,5 @@
-"""The GPU pipeline benchmark runs end to end without a GPU: tiny networks, CPU JAX, diffusers eager."""
+"""The benchmarks run end to end on tiny models: the GPU pipeline without a GPU (CPU JAX, diffusers eager), and
+the load-time comparison with diffusers."""
 
 import json
 import os
@@ -32,3 +33,21 @@ def test_gpu_pipeline_script_runs_on_cpu_jax_at_a_tiny_size(tmp_path):
     assert table.count("| ours compiled float32 |") == 2 and "CPU flags:" in table
     chart = (out.parent / "smoke.svg").read_text()
     assert chart.startswith("<svg") and chart.count("<polyline") == 2
+
+
+def test_load_time_script_times_both_libraries(tmp_path):
+    from tests import reference as R
+    from weights_conversion.__main__ import main as convert_main
+
+    R.make_reference_pipeline(seed=3).save_pretrained(tmp_path / "diffusers")
+    assert convert_main([str(tmp_path / "diffusers"), str(tmp_path / "converted"), "--quiet"]) == 0
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "load_time.py"), str(tmp_path / "converted"),
+               "--diffusers", str(tmp_path / "diffusers")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 1 |")]
+    assert [row[1].strip() for row in rows] == ["kerasdiffusion", "diffusers"]
+    for row in rows:
+        load, load_rss, first_call, rss_then = (float(cell) for cell in row[2:])
+        assert 0 < load <= first_call and 0 < load_rss <= rss_then
+    assert result.stdout.startswith("CPU flags:")

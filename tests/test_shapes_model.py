@@ -1,5 +1,5 @@
 """The built-in ``kerasdiffusion/shapes`` model: prompts steer its pictures, measured from the pixels, and
-diffusers draws the same pictures from its export.
+diffusers draws the same pictures from its export, which loads back here as the same model.
 
 The adherence figures (`shapes_model.adherence`) are printed with ``pytest -s``; the README's table comes
 from ``python benchmarks/shapes_adherence.py``, with more generations per task.
@@ -83,6 +83,14 @@ def test_diffusers_draws_the_same_pictures_from_the_export(sd, tmp_path):
           f"max {difference.max()}")
     assert expected.std() > 20
     assert difference.mean() <= 1.0 and np.percentile(difference, 99.9) <= 8
+    # And the export loads back here as the same model: its configs' group counts (16 and 8, not Stable
+    # Diffusion's 32, which the weights cannot tell) are read, so the pictures are ours exactly.
+    back = kd.StableDiffusion.from_pretrained(tmp_path / "shapes", scheduler="dpmpp_2m", jit_compile=R.JIT,
+                                              cache=False, progress=False)
+    assert (back.components.family.unet.norm_groups, back.components.family.vae.norm_groups) == (16, 8)
+    again = back.generate_image(back.encode_text(prompts), batch_size=4, num_steps=20,
+                                unconditional_guidance_scale=5.0, diffusion_noise=noise, verbose=False)
+    np.testing.assert_array_equal(again, ours)
 
 
 def test_the_readme_first_command_draws_its_prompt(tmp_path, monkeypatch):

@@ -5,9 +5,10 @@ Checkpoints come from strangers, so nothing read here is trusted. Which parser r
 - ``.safetensors``: the safetensors library's own parser (``safe_open``), the format's reference and fuzzed
   upstream, decides what a valid file is: header types, dtypes, shapes, byte ranges that tile the data
   exactly, the file's length. It then reads each tensor with ``pread`` into its own array
-  (``backend="pread"``): no memory map, so a conversion holds one copy of the weights. numpy has no
-  bfloat16, so bf16 tensors alone are read by `readers`, at the offsets the library validated, and widened
-  to float32. `readers` parses a refused header again only to name the tensor at fault in the message.
+  (``backend="pread"``): no memory map, so a conversion holds one copy of the weights (a converted
+  folder's tensors, once its header is validated so, may be used where the file is mapped:
+  `readers.LazyTensor.mapped`). numpy has no bfloat16, so bf16 tensors alone are read by `readers`, at the
+  offsets the library validated, and widened to float32. `readers` parses a refused header again only to name the tensor at fault in the message.
 - ``.ckpt``, ``.pt``, ``.pth``, ``.bin`` (pickles, in torch's zip or legacy container): our restricted
   unpickler (`torch_pickle`), on the standard library's pure-Python unpickler. Nothing else reads them
   safely without PyTorch, and the C unpickler believes the sizes a pickle declares. Ours rebuilds tensors

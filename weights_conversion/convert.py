@@ -51,6 +51,10 @@ class Converted:
     # The model family (``kerasdiffusion.config.FAMILIES``) when the source names it (a converted folder's
     # manifest); None otherwise, and the family is read from the weights when they are loaded.
     family: str | None = None
+    # Group-norm group counts, ``{"unet": n, "vae": n}``, where the source says them (a diffusers folder's
+    # configs' ``norm_num_groups``; a converted folder's manifest); None otherwise, and the family's apply. The
+    # weights cannot tell them: the built-in model's narrow networks use 16 and 8, Stable Diffusion 32.
+    norm_groups: dict | None = None
 
 
 def is_converted_folder(path):
@@ -95,6 +99,29 @@ def diffusers_image_size(path):
     return None if sample_size is None else sample_size * VAE_SCALE
 
 
+def _norm_groups(value, where):
+    """``{"unet": n, "vae": n}`` (either may be absent) of positive whole numbers, or None where there is none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not set(value) <= {"unet", "vae"} or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value.values()):
+        raise CheckpointError(f"{where}: the group-norm group counts {value!r} are not positive integers for "
+                              "'unet' and 'vae'")
+    return dict(value) or None
+
+
+def diffusers_norm_groups(path):
+    """The group-norm group counts a diffusers folder's UNet and VAE configs give (``norm_num_groups``)."""
+    groups, where = {}, []
+    for network in ("unet", "vae"):
+        config_file = os.path.join(path, network, "config.json")
+        config = _read_json(config_file) or {}
+        if "norm_num_groups" in config:
+            groups[network] = config["norm_num_groups"]
+            where.append(config_file)
+    return _norm_groups(groups or None, " and ".join(where))
+
+
 def _convert_networks(state_dicts):
     converters = {
         "text_encoder": keras_names.convert_text_encoder,
@@ -126,7 +153,8 @@ def _load_converted_folder(path, lazy=False):
     family = manifest.get("family")
     if family is not None and not isinstance(family, str):
         raise CheckpointError(f"{path}: {MANIFEST} gives a family that is not a string")
-    return Converted(weights, scheduler, _tokenizer_dir(path), source, image_size, family)
+    norm_groups = _norm_groups(manifest.get("norm_groups"), os.path.join(path, MANIFEST))
+    return Converted(weights, scheduler, _tokenizer_dir(path), source, image_size, family, norm_groups)
 
 
 def convert_source(path, lazy=False):
@@ -148,7 +176,8 @@ def convert_source(path, lazy=False):
         if is_diffusers_folder(path):
             weights = _convert_networks(readers.read_diffusers_folder(path))
             scheduler = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-            return Converted(weights, scheduler, _tokenizer_dir(path), path, diffusers_image_size(path))
+            return Converted(weights, scheduler, _tokenizer_dir(path), path, diffusers_image_size(path),
+                             norm_groups=diffusers_norm_groups(path))
         raise CheckpointError(f"{path!r} is a folder but neither a diffusers folder (no unet/) nor a "
                               f"converted one (no {MANIFEST}).")
     if not path.endswith(SINGLE_FILE_SUFFIXES):
@@ -178,6 +207,8 @@ def save_converted(converted, output_dir):
             manifest["image_size"] = converted.image_size
         if converted.family is not None:
             manifest["family"] = converted.family
+        if converted.norm_groups:
+            manifest["norm_groups"] = converted.norm_groups
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
     return os.path.abspath(output_dir)
@@ -212,8 +243,10 @@ def write_safetensors(path, arrays, advance=lambda n: None, metadata=None):
     """Writes ``{name: array}`` as a safetensors file, one tensor at a time, atomically.
 
     The format is an 8-byte little-endian header length, a JSON table of names, dtypes, shapes and byte
-    offsets (padded with spaces to a multiple of 8 bytes), then each tensor's little-endian bytes in the
-    table's order. Streaming the tensors keeps a second copy of the whole file out of memory (which
+    offsets (padded with spaces so that the data starts at a multiple of `readers.ALIGNMENT` bytes), then
+    each tensor's little-endian bytes in the table's order: first those whose size is a multiple of
+    `readers.ALIGNMENT`, which therefore all start at one, so a reader can use them where they are mapped.
+    Streaming the tensors keeps a second copy of the whole file out of memory (which
     `safetensors.numpy.save_file` builds), and lets ``advance(nbytes)`` report progress per tensor.
     ``metadata`` (``{str: str}``) becomes the header's ``__metadata__``. The file is written beside ``path``
     and renamed into place when complete, so no half-written file ever has its name.
@@ -227,7 +260,9 @@ def write_safetensors(path, arrays, advance=lambda n: None, metadata=None):
     >>> load_file(path)["dense/kernel"].shape
     (2, 3)
     """
-    names = sorted(arrays)
+    # Tensors whose size is a multiple of the alignment first, so that each starts at a multiple of it (the
+    # table is padded to one too). In Stable Diffusion that is every tensor but a few small biases.
+    names = sorted(arrays, key=lambda name: (arrays[name].nbytes % readers.ALIGNMENT != 0, name))
     header, offset = {}, 0
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -242,7 +277,7 @@ def write_safetensors(path, arrays, advance=lambda n: None, metadata=None):
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
     table = json.dumps(header, separators=(",", ":")).encode()
-    table += b" " * (-len(table) % 8)
+    table += b" " * (-(8 + len(table)) % readers.ALIGNMENT)
     path = os.fspath(path)
     staging = tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), prefix=".writing-",
                                           suffix=".safetensors", delete=False)

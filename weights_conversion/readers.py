@@ -23,6 +23,7 @@ Example:
 import errno
 import json
 import math
+import mmap
 import os
 
 import numpy as np
@@ -34,6 +35,9 @@ from weights_conversion.errors import CheckpointError
 from weights_conversion.torch_pickle import read_torch_pickle, read_torch_pickle_tree  # noqa: F401 (re-exported)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# A tensor stored at a multiple of this many bytes from the start of its file can be used where it is mapped
+# (`LazyTensor.mapped`): TensorFlow takes no buffer that is not 64-byte aligned. Our writer puts them there.
+ALIGNMENT = 64
 
 SAFETENSORS_DTYPES = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
@@ -109,7 +113,8 @@ class LazyTensor:
     the header again for each of a network's hundreds of tensors. A file that changed since its header
     was validated (another size, inode or modification time) is a `CheckpointError`, not a read at stale
     offsets; a rewrite in place that keeps all three (``cp -p`` over it) is not seen, but no read goes past
-    the end of the file.
+    the end of the file. A tensor stored as its array at an aligned offset can also be used where the file
+    is mapped (`mapped`), or read into memory a backend owns (`read_into`).
 
     Example:
     >>> import numpy as np, os, tempfile
@@ -121,24 +126,59 @@ class LazyTensor:
     ((2, 3), np.float32(5.0))
     """
 
-    def __init__(self, path, name, code, shape, offset, identity):
+    def __init__(self, path, name, code, shape, offset, identity, mapping=None):
         self.path, self.name, self.code, self.offset, self.identity = path, name, code, offset, identity
+        self.mapping = mapping if mapping is not None else _Mapping(path, identity)
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype("float32" if code == "BF16" else SAFETENSORS_DTYPES[code]).newbyteorder("=")
+        # Whether the stored bytes are the array's bytes (not bf16 to widen, not another byte order), so that
+        # `read_into` can put them straight into memory someone else owns.
+        self.stored_as_is = code != "BF16" and np.dtype(SAFETENSORS_DTYPES[code]).isnative
 
     def __array__(self, dtype=None, copy=None):
-        where = f"{self.path}: tensor {self.name!r}"
-        with open(self.path, "rb") as raw:
-            self._check_unchanged(os.fstat(raw.fileno()), where)
-            array = _read_raw(raw, self.offset, self.shape, SAFETENSORS_DTYPES[self.code], where)
+        stored = np.dtype(SAFETENSORS_DTYPES[self.code])
+        array = np.empty(self.shape, stored)
+        self._read(memoryview(array.reshape(-1).view(np.uint8)))
         if self.code == "BF16":
             array = bf16_to_float32(array)
         array = array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
         return array if dtype is None else array.astype(dtype, copy=False)
 
-    def _check_unchanged(self, stat, where):
-        if _file_identity(stat) != self.identity:
-            raise CheckpointError(f"{where}: the file changed since its header was validated; read it again")
+    def read_into(self, buffer):
+        """Reads the tensor into ``buffer``, a writable buffer of exactly its bytes (``stored_as_is`` only):
+        a backend's own freshly made tensor, so that the weights are not copied after reading."""
+        if not self.stored_as_is:
+            raise ValueError(f"{self!r} is stored as {self.code}, not as its array; read it with numpy.asarray")
+        self._read(memoryview(buffer).cast("B"))
+
+    def mapped(self):
+        """The tensor where its file is mapped into memory, as an array (`None` unless ``stored_as_is`` and
+        at a multiple of `ALIGNMENT` bytes in the file): nothing is read until it is used, and the pages
+        read are the operating system's file cache, shared, not a copy. The mapping is private, so a write
+        to the array changes a copy of its page, never the file. The file must not be rewritten in place
+        while the array is in use (a rewrite that renames a new file over it, as every writer here does,
+        is safe)."""
+        if not self.stored_as_is or self.offset % ALIGNMENT:
+            return None
+        stored = np.dtype(SAFETENSORS_DTYPES[self.code])
+        return np.frombuffer(self.mapping.get(f"{self.path}: tensor {self.name!r}"), stored,
+                             count=math.prod(self.shape), offset=self.offset).reshape(self.shape)
+
+    def _read(self, destination):
+        where = f"{self.path}: tensor {self.name!r}"
+        expected = math.prod(self.shape) * np.dtype(SAFETENSORS_DTYPES[self.code]).itemsize
+        if destination.nbytes != expected:
+            raise ValueError(f"{where}: {expected} bytes do not fit a buffer of {destination.nbytes}")
+        with open(self.path, "rb", buffering=0) as raw:
+            _check_unchanged(raw, self.identity, where)
+            raw.seek(self.offset)
+            done = 0
+            while done < expected:  # a read may return less than asked for; none returns more than is left
+                count = raw.readinto(destination[done:])
+                if not count:
+                    raise CheckpointError(f"{where}: truncated: the tensor at byte {self.offset} ends past the "
+                                          "end of the file")
+                done += count
 
     def __repr__(self):
         return f"LazyTensor({os.path.basename(self.path)!r}, {self.name!r}, shape={self.shape}, dtype={self.dtype})"
@@ -153,7 +193,28 @@ def read_safetensors_lazily(path):
     with _open_safetensors(path) as f:
         identity = _file_identity(os.stat(path))
         layout = _safetensors_layout(f, path)
-    return {name: LazyTensor(path, name, dtype, shape, begin, identity) for name, dtype, shape, begin, _ in layout}
+    mapping = _Mapping(path, identity)
+    return {name: LazyTensor(path, name, dtype, shape, begin, identity, mapping)
+            for name, dtype, shape, begin, _ in layout}
+
+
+class _Mapping:
+    """One file's private (copy-on-write) memory map, made on first use and shared by its tensors."""
+
+    def __init__(self, path, identity):
+        self.path, self.identity, self.map = path, identity, None
+
+    def get(self, where):
+        if self.map is None:
+            with open(self.path, "rb") as file:
+                _check_unchanged(file, self.identity, where)
+                self.map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self.map
+
+
+def _check_unchanged(file, identity, where):
+    if _file_identity(os.fstat(file.fileno())) != identity:
+        raise CheckpointError(f"{where}: the file changed since its header was validated; read it again")
 
 
 def _file_identity(stat):
