@@ -88,3 +88,17 @@ def test_written_dataset_pairs_each_picture_with_its_caption(tmp_path):
         picture = np.asarray(Image.open(tmp_path / f"{number:05d}.png"))
         assert np.array_equal(picture, shapes.render(scene))
         assert (tmp_path / f"{number:05d}.txt").read_text() == scene.caption() + "\n"
+
+
+def test_describe_reads_soft_edged_shapes_as_the_shapes_drawn():
+    # Generated pictures have soft edges and rounded corners. Blurred by up to 2 pixels, shapes are still read
+    # as what was drawn (scenes from another seed than those the outline classifier is fitted on); reading
+    # the class from how much of its box a shape fills gave 69% on the small ones at 2 pixels.
+    from PIL import Image, ImageFilter
+
+    scenes = shapes.sample_scenes(11, 150)
+    for radius in (1.0, 2.0):
+        read = [shapes.describe(np.asarray(Image.fromarray(shapes.render(scene)).filter(
+            ImageFilter.GaussianBlur(radius))))["shape"] for scene in scenes]
+        accuracy = np.mean([shape == scene.shape for shape, scene in zip(read, scenes)])
+        assert accuracy >= 0.95, (radius, accuracy)

@@ -18,13 +18,13 @@ from kerasdiffusion.training import shapes_model
 from tests import reference as R
 
 # The issue's targets for text to image, the share of pictures that show what the prompt asks. The model shipped
-# now reaches them for background, colour and position, not yet for shape (33%, chance: its diffusion stage
-# draws blobs, though its autoencoder gives back 76% of shapes, README "The built-in model"). The test holds
-# each task to what the shipped model was measured to do here (colour 56/60, 18/20, 18/20; position 37/41,
-# 20/20, 12/14), with a margin for other CPUs' rounding, so that a change that loses it fails here; shape gets
-# no floor until it is well above chance (1 in 3).
+# now reaches them for background, colour and position, not yet for shape (53% in the README's table, chance
+# 33%: its diffusion stage draws soft blobs, README "The built-in model"). The test holds each task to what the
+# shipped model was measured to do here (colour 56/60, 18/20, 18/20; position 37/41, 20/20, 12/14; text-to-image
+# shape 32/60), with a margin for other CPUs' rounding, so that a change that loses it fails here; the edits'
+# shape (9/20, 12/20) is too few pictures to hold above chance.
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.80, "position": 0.80}
-FLOORS = {"text_to_image": {"background": 0.95, "colour": 0.85, "position": 0.8},
+FLOORS = {"text_to_image": {"background": 0.95, "colour": 0.85, "shape": 0.45, "position": 0.8},
           "inpaint (left half)": {"background": 0.95, "colour": 0.8, "position": 0.85},
           "image_to_image (recolour, strength 0.75)": {"background": 0.95, "colour": 0.8, "position": 0.75}}
 
