@@ -39,8 +39,7 @@ JAX_SUITES = [
 #   PNG's parameters back, the built-in model's default size);
 # - the whole pipeline against diffusers with more schedulers than two: tests/test_schedulers.py compares every
 #   scheduler's loop with diffusers on JAX, and the pipeline's plumbing is the same for all of them;
-# - the compiled loop against the steps loop for the schedulers without state between steps or with the same
-#   kind as another (ddim; dpmpp_2m, whose history pndm's outgrows).
+# - the compiled loop against the steps loop for dpmpp_2m, whose history pndm's outgrows.
 JAX_LEFT_OUT = [
     "tests/test_cli.py::test_from_png_makes_the_same_image_again",
     "tests/test_cli.py::test_from_png_reads_automatic1111_parameters",
@@ -50,8 +49,7 @@ JAX_LEFT_OUT = [
     *(f"tests/test_pipeline.py::test_sd2_v_prediction_pipeline_matches_diffusers[{name}]"
       for name in ("euler", "dpmpp_2m")),
     *(f"tests/test_pipeline.py::test_image_to_image_matches_diffusers[{name}]" for name in ("euler", "dpmpp_2m")),
-    *(f"tests/test_pipeline.py::test_compiled_loop_gives_the_images_of_the_steps_loop[{name}-True]"
-      for name in ("ddim", "dpmpp_2m")),
+    "tests/test_pipeline.py::test_compiled_loop_gives_the_images_of_the_steps_loop[dpmpp_2m-True]",
 ]
 # The TensorFlow suites a whole run hands over: about a third of its time, which balances the two processes
 # (the JAX suites take the other process about as long as the rest of the run takes this one).
@@ -62,7 +60,6 @@ TENSORFLOW_SUITES = [
     "tests/test_doctests.py",
     "tests/test_notebooks.py",
     "tests/test_shapes_model.py",
-    "tests/test_shapes_training.py",
 ]
 
 
