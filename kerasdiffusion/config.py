@@ -130,7 +130,7 @@ SD2 = ModelFamily("sd2", SD2_TEXT_ENCODER, SD2_UNET, SD_VAE, pad_token="!", pred
                   open_clip=True, image_size=768)
 # The built-in kerasdiffusion/shapes model (`kerasdiffusion.training.shapes_model`): SD 1.x's text tower and
 # conventions, with fewer group-norm groups for its narrow networks (the weights cannot tell the groups, so a
-# converted folder names its family in its manifest).
+# converted folder's manifest names its family and the groups it was trained with).
 SHAPES = ModelFamily("shapes", SD1_TEXT_ENCODER, dataclasses.replace(SD1_UNET, norm_groups=16),
                      dataclasses.replace(SD_VAE, norm_groups=8))
 FAMILIES = {family.name: family for family in (SD1, SD2, SHAPES)}

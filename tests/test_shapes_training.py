@@ -8,6 +8,7 @@ the weighted KL over the number of pixel values, and one SGD step of ``torch.opt
 
 import copy
 import dataclasses
+import json
 import os
 
 import keras
@@ -174,5 +175,16 @@ def test_the_recipe_trains_a_loadable_model_and_resumes_after_a_kill(tmp_path, m
 
     parts = load_components(whole, progress=False)
     assert parts.image_size == 64 and parts.family.name == "shapes"
-    groups = {layer.groups for layer in parts.decoder.layers if isinstance(layer, keras.layers.GroupNormalization)}
-    assert groups == {shapes_model.VAE.norm_groups}  # the manifest's family, not SD 1.x's 32
+    assert decoder_groups(parts) == {shapes_model.VAE.norm_groups}  # the manifest's, not SD 1.x's 32
+    with open(os.path.join(whole, "kerasdiffusion.json")) as f:  # what the weights were trained with
+        manifest = json.load(f)
+    assert manifest["norm_groups"] == {"unet": shapes_model.UNET.norm_groups, "vae": shapes_model.VAE.norm_groups}
+    # and the manifest's counts are the ones built, whatever the family says
+    with open(os.path.join(whole, "kerasdiffusion.json"), "w") as f:
+        json.dump({**manifest, "norm_groups": {"unet": 4, "vae": 2}}, f)
+    parts = load_components(whole, progress=False)
+    assert decoder_groups(parts) == {2} and parts.family.unet.norm_groups == 4
+
+
+def decoder_groups(parts):
+    return {layer.groups for layer in parts.decoder.layers if isinstance(layer, keras.layers.GroupNormalization)}

@@ -209,7 +209,8 @@ def train_diffusion(recipe, scenes, images, encoder, decoder, work, log=print, j
 
 
 def save_model(parts, out):
-    """Stage 5: the networks' weights as a converted folder in float16."""
+    """Stage 5: the networks' weights as a converted folder in float16. Its manifest names the group-norm group
+    counts the networks were trained with, which the weights cannot tell."""
     from kerasdiffusion.exporting import network_weights
     from weights_conversion.convert import Converted, save_converted
 
@@ -217,7 +218,9 @@ def save_model(parts, out):
                for network, arrays in network_weights(parts).items()}
     scheduler = dataclasses.asdict(parts.scheduler_config)
     return save_converted(Converted(weights, scheduler_config=scheduler, source=SOURCE_NAME,
-                                    image_size=parts.image_size, family=parts.family.name), out)
+                                    image_size=parts.image_size, family=parts.family.name,
+                                    norm_groups={"unet": parts.family.unet.norm_groups,
+                                                 "vae": parts.family.vae.norm_groups}), out)
 
 
 def train(recipe, out, work, log=print, jit_compile=True, run_eagerly=False):
