@@ -2,8 +2,9 @@
 and the recipe end to end (tiny), killed and resumed to the same weights.
 
 The autoencoder's reference is diffusers' ``AutoencoderKL`` on the same weights: its posterior
-(``DiagonalGaussianDistribution``: ``mean + std * noise``, ``kl()``), its decoder, the mean absolute error plus
-the weighted KL over the number of pixel values, and one SGD step of ``torch.optim``.
+(``DiagonalGaussianDistribution``: ``mean + std * noise``, ``kl()``), its decoder, the mean absolute error (or,
+given pixel weights, its weighted mean) plus the weighted KL over the number of pixel values, and one SGD step
+of ``torch.optim``.
 """
 
 import copy
@@ -35,19 +36,24 @@ def reference(tmp_path_factory):
     return pipeline, load_components(folder, precision="float32", cache=False, progress=False)
 
 
-def batch(parts):
+def batch(parts, weighted=False):
     rng = np.random.default_rng(4)
     images = rng.uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
     latent = parts.image_encoder(images).shape
-    return {"images": images, "noise": rng.standard_normal((*latent[:-1], latent[-1] // 2)).astype("float32")}
+    data = {"images": images, "noise": rng.standard_normal((*latent[:-1], latent[-1] // 2)).astype("float32")}
+    if weighted:
+        data["weights"] = rng.choice([1.0, 4.0], size=(2, 32, 32)).astype("float32")
+    return data
 
 
 def reference_loss(vae, data):
     images, noise = R.nchw(data["images"]), R.nchw(data["noise"])
     posterior = vae.encode(images).latent_dist
     reconstruction = vae.decode(posterior.mean + posterior.std * noise).sample
-    error = (reconstruction - images).abs().mean()
-    return error + KL_WEIGHT * posterior.kl().mean() / images[0].numel()
+    error = (reconstruction - images).abs().mean(dim=1)  # [B, H, W]
+    weights = torch.from_numpy(data.get("weights", np.ones(error.shape, "float32")))
+    error = (weights * error).sum(dim=(1, 2)) / weights.sum(dim=(1, 2))
+    return error.mean() + KL_WEIGHT * posterior.kl().mean() / images[0].numel()
 
 
 def test_kl_divergence_is_diffusers(reference):
@@ -58,12 +64,13 @@ def test_kl_divergence_is_diffusers(reference):
     np.testing.assert_allclose(np.asarray(kl_divergence(moments)), expected, rtol=1e-5)
 
 
-def test_autoencoder_step_matches_pytorch(reference, record_property):
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "pixel-weights"])
+def test_autoencoder_step_matches_pytorch(reference, record_property, weighted):
     pipeline, parts = reference
     encoder, decoder = (keras.models.clone_model(m) for m in (parts.image_encoder, parts.decoder))
     for clone, original in ((encoder, parts.image_encoder), (decoder, parts.decoder)):
         clone.set_weights(original.get_weights())
-    data, lr = batch(parts), 0.5
+    data, lr = batch(parts, weighted), 0.5
     before = {v.path: np.array(v.numpy()) for v in encoder.weights + decoder.weights}
     trainer = AutoencoderTrainer(encoder, decoder, kl_weight=KL_WEIGHT)
     trainer.compile(optimizer=keras.optimizers.SGD(lr), run_eagerly=True)
@@ -118,6 +125,19 @@ def test_centred_crops_hold_the_shape_and_lie_on_the_latent_grid():
             corners = [(y, x) for y in range(0, 33, 8) for x in range(0, 33, 8)
                        if np.array_equal(pictures[row, y:y + 32, x:x + 32], crop)]
             assert corners, "the crop is not at a place on the latent grid"
+
+
+def test_box_weights_cover_every_shape_pixel_and_nothing_far_from_it():
+    scenes = shapes.sample_scenes(0, 60)
+    weights = shapes_model.box_weights(scenes, 4.0)
+    assert weights.shape == (60, 64, 64) and set(np.unique(weights)) == {1.0, 4.0}
+    for scene, weight in zip(scenes, weights):
+        covered = shapes._coverage(scene) > 0
+        assert (weight[covered] == 4).all(), scene
+        ys, xs = np.nonzero(weight == 4)
+        side = shapes.SIZES[scene.size] + 4  # the box, 2 pixels wider each way
+        assert xs.max() - xs.min() + 1 <= side and ys.max() - ys.min() + 1 <= side, scene
+    assert (shapes_model.box_weights(scenes, 1.0) == 1).all()
 
 
 TINY_RECIPE = shapes_model.Recipe(pictures=8, vae_steps=1, vae_batch_size=2, diffusion_steps=3, batch_size=2,

@@ -7,7 +7,9 @@ The objective is the latent diffusion paper's first stage without its perceptual
 2. a latent drawn from it (the reparameterisation trick) is decoded back to pixels;
 3. the loss is the mean absolute pixel error plus ``kl_weight`` times the posterior's KL divergence from
    ``N(0, 1)``, summed over the latent and divided by the number of pixel values, as the paper's
-   ``LPIPSWithDiscriminator`` weighs it (their ``kl_weight`` of 1e-6 is on the same scale).
+   ``LPIPSWithDiscriminator`` weighs it (their ``kl_weight`` of 1e-6 is on the same scale). Given per-pixel
+   ``weights``, the pixel error is their weighted mean instead, so that a region that matters more than
+   its area (a small object on a plain background) can count more; the KL term's scale is unchanged.
 
 The trained latents have whatever spread the data gives them; `match_scaling_factor` then rescales the
 encoder's output and the decoder's input so that latents times the pipeline's ``scaling_factor`` have unit
@@ -50,7 +52,8 @@ class AutoencoderTrainer(keras.Model):
         kl_weight: the weight of the KL term (see the module docstring for its scale).
         seed: the seed of the posterior samples.
 
-    Batches are images in [-1, 1] (a tensor, or a dict with ``"images"`` and, to reproduce a given recipe
+    Batches are images in [-1, 1] (a tensor, or a dict with ``"images"`` and optionally ``"weights"``, each
+    pixel's non-negative weight in the reconstruction error, ``[B, H, W]``, and, to reproduce a given recipe
     exactly, the posterior's standard normal ``"noise"`` instead of drawing it); ``fit`` minimises the mean
     of each item's loss.
     """
@@ -65,7 +68,8 @@ class AutoencoderTrainer(keras.Model):
         self.seed_generator = keras.random.SeedGenerator(seed, name="posterior_seed")
 
     def call(self, images, training=False):
-        """Each item's loss (float32 ``[B]``): mean absolute reconstruction error plus the weighted KL."""
+        """Each item's loss (float32 ``[B]``): the (weighted) mean absolute reconstruction error plus the
+        weighted KL."""
         batch = images if isinstance(images, dict) else {"images": images}
         images = ops.cast(batch["images"], "float32")
         moments = self.image_encoder(images, training=training)
@@ -76,7 +80,12 @@ class AutoencoderTrainer(keras.Model):
             noise = keras.random.normal((*shape[:-1], shape[-1] // 2), seed=self.seed_generator)
         reconstruction = ops.cast(self.decoder(sample_posterior(moments, noise, 1.0), training=training), "float32")
         pixel_values = ops.cast(ops.size(images), "float32") / ops.cast(ops.shape(images)[0], "float32")
-        error = ops.mean(ops.abs(reconstruction - images), axis=(1, 2, 3))
+        error = ops.mean(ops.abs(reconstruction - images), axis=-1)
+        if "weights" in batch:
+            weights = ops.cast(batch["weights"], "float32")
+            error = ops.sum(weights * error, axis=(1, 2)) / ops.sum(weights, axis=(1, 2))
+        else:
+            error = ops.mean(error, axis=(1, 2))
         return error + self.kl_weight * kl_divergence(moments) / pixel_values
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
