@@ -138,6 +138,8 @@ def test_box_weights_cover_every_shape_pixel_and_nothing_far_from_it():
         side = shapes.SIZES[scene.size] + 4  # the box, 2 pixels wider each way
         assert xs.max() - xs.min() + 1 <= side and ys.max() - ys.min() + 1 <= side, scene
     assert (shapes_model.box_weights(scenes, 1.0) == 1).all()
+    with pytest.raises(ValueError, match="box weight must be positive"):
+        shapes_model.box_weights(scenes, 0.0)
 
 
 TINY_RECIPE = shapes_model.Recipe(pictures=8, vae_steps=1, vae_batch_size=2, diffusion_steps=3, batch_size=2,

@@ -80,12 +80,12 @@ class AutoencoderTrainer(keras.Model):
             noise = keras.random.normal((*shape[:-1], shape[-1] // 2), seed=self.seed_generator)
         reconstruction = ops.cast(self.decoder(sample_posterior(moments, noise, 1.0), training=training), "float32")
         pixel_values = ops.cast(ops.size(images), "float32") / ops.cast(ops.shape(images)[0], "float32")
-        error = ops.mean(ops.abs(reconstruction - images), axis=-1)
+        difference = ops.abs(reconstruction - images)
         if "weights" in batch:
             weights = ops.cast(batch["weights"], "float32")
-            error = ops.sum(weights * error, axis=(1, 2)) / ops.sum(weights, axis=(1, 2))
+            error = ops.sum(weights * ops.mean(difference, axis=-1), axis=(1, 2)) / ops.sum(weights, axis=(1, 2))
         else:
-            error = ops.mean(error, axis=(1, 2))
+            error = ops.mean(difference, axis=(1, 2, 3))
         return error + self.kl_weight * kl_divergence(moments) / pixel_values
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):

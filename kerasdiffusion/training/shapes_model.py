@@ -134,6 +134,8 @@ def box_weights(scenes, weight, margin=2):
     shape's bounding box widened by ``margin`` pixels, where a circle, a square and a triangle differ, and 1
     elsewhere. A small shape is a twentieth of its picture: unweighted, its outline and colour are a small
     part of the error beside the background around it."""
+    if not weight > 0:
+        raise ValueError(f"the box weight must be positive, got {weight!r}")
     weights = np.ones((len(scenes), shapes.RESOLUTION, shapes.RESOLUTION), np.float16)
     for row, scene in enumerate(scenes):
         (x, y), half = scene.centre(), shapes.SIZES[scene.size] / 2 + margin
