@@ -144,7 +144,8 @@ def _scheduler_config(converted, family, prediction_type):
 
 def _family(converted):
     """The family a source names (a converted folder's manifest), else the one its text encoder's width gives;
-    with the group-norm group counts the source gives (a diffusers folder's configs), where it gives them."""
+    with the group-norm group counts and the text encoder's heads the source gives (a diffusers folder's
+    configs), where it gives them."""
     if converted.family is None:
         family = C.family_from_weights(converted.weights["text_encoder"])
     elif converted.family not in C.FAMILIES:
@@ -155,6 +156,13 @@ def _family(converted):
     changes = {network: dataclasses.replace(getattr(family, network), norm_groups=count)
                for network, count in (converted.norm_groups or {}).items()
                if getattr(family, network).norm_groups != count}
+    heads = converted.text_encoder_heads
+    text_encoder = C.text_encoder_config_from_weights(converted.weights["text_encoder"], family)
+    if heads is not None and heads != text_encoder.num_heads:
+        if text_encoder.width % heads:
+            raise ValueError(f"{converted.source}: {heads} attention heads do not divide the text encoder's width "
+                             f"{text_encoder.width}")
+        changes["text_encoder"] = dataclasses.replace(family.text_encoder, width=text_encoder.width, num_heads=heads)
     return dataclasses.replace(family, **changes) if changes else family
 
 

@@ -128,17 +128,27 @@ SD_VAE = VAEConfig()
 SD1 = ModelFamily("sd1", SD1_TEXT_ENCODER, SD1_UNET, SD_VAE)
 SD2 = ModelFamily("sd2", SD2_TEXT_ENCODER, SD2_UNET, SD_VAE, pad_token="!", prediction_type="v_prediction",
                   open_clip=True, image_size=768)
-# The built-in kerasdiffusion/shapes model (`kerasdiffusion.training.shapes_model`): SD 1.x's text tower and
-# conventions, with fewer group-norm groups for its narrow networks (the weights cannot tell the groups, so a
-# converted folder's manifest names its family and the groups it was trained with).
-SHAPES = ModelFamily("shapes", SD1_TEXT_ENCODER, dataclasses.replace(SD1_UNET, norm_groups=16),
-                     dataclasses.replace(SD_VAE, norm_groups=8))
+# The built-in kerasdiffusion/shapes model (`kerasdiffusion.training.shapes_model`): SD 1.x's conventions for
+# narrow networks. Its text tower is 64 wide with 4 heads of 16 (CLIP's heads are 64 wide: with one head, each
+# layer adds one weighted mix of the words to a token); its UNet and autoencoder have fewer group-norm groups. The
+# weights cannot tell heads or groups, so a converted folder's manifest names its family and the counts it was
+# trained with.
+SHAPES = ModelFamily("shapes",
+                     dataclasses.replace(SD1_TEXT_ENCODER, width=64, num_layers=2, num_heads=4, mlp_dim=256),
+                     dataclasses.replace(SD1_UNET, norm_groups=16), dataclasses.replace(SD_VAE, norm_groups=4))
 FAMILIES = {family.name: family for family in (SD1, SD2, SHAPES)}
 
 
 def _levels(weights, pattern):
     """Sorted distinct integers captured by ``pattern`` over the weight names."""
     return sorted({int(m.group(1)) for name in weights for m in [re.match(pattern, name)] if m})
+
+
+def _text_heads(width, family_config):
+    """The family's heads at its own width; CLIP's 64-wide heads at another (a test model's), where they fit."""
+    if width == family_config.width or width % 64 != 0:
+        return family_config.num_heads
+    return width // 64
 
 
 def text_encoder_config_from_weights(weights, family=SD1):
@@ -150,7 +160,7 @@ def text_encoder_config_from_weights(weights, family=SD1):
         max_length=weights["position_embedding/embeddings"].shape[0],
         width=width,
         num_layers=len(_levels(weights, r"layer(\d+)_")),
-        num_heads=width // 64 if width % 64 == 0 and width >= 64 else family.text_encoder.num_heads,
+        num_heads=_text_heads(width, family.text_encoder),
         mlp_dim=weights["layer0_mlp_fc1/kernel"].shape[1],
     )
 

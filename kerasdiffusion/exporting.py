@@ -58,9 +58,10 @@ def export(components, out, format="diffusers"):
     >>> path = kd.export(sd.components, os.path.join(tempfile.mkdtemp(), "my-model"), format="diffusers")
     >>> sorted(os.listdir(path))
     ['model_index.json', 'scheduler', 'text_encoder', 'tokenizer', 'unet', 'vae']
-    >>> again = kd.load_components(path, cache=False)  # loads back as the same model, group counts included
-    >>> again.image_size, again.family.unet.norm_groups, again.family.vae.norm_groups
-    (64, 16, 8)
+    >>> again = kd.load_components(path, cache=False)  # loads back as the same model, group and head counts included
+    >>> family = again.family
+    >>> again.image_size, family.unet.norm_groups, family.vae.norm_groups, family.text_encoder.num_heads
+    (64, 16, 4, 4)
     """
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; expected one of {', '.join(FORMATS)}")

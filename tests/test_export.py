@@ -126,6 +126,22 @@ def test_sd2_diffusers_folder_matches_the_source(sd2):
     assert tokenizer.pad_token == "!" and tokenizer("a red fox").input_ids == original.tokenizer("a red fox").input_ids
 
 
+def test_a_diffusers_folder_says_its_text_encoders_heads(tmp_path):
+    """The weights cannot tell a text encoder's heads: a diffusers folder's config says them (here 4 of 16 at
+    width 64, where CLIP's 64-wide heads would give 1). They are built, so our text encoder computes
+    transformers', and written again on export."""
+    from transformers import CLIPTextConfig
+
+    pipeline = R.make_reference_pipeline(seed=71)
+    pipeline.register_modules(text_encoder=R.make_text_encoder(73, num_attention_heads=4))
+    pipeline.save_pretrained(tmp_path / "source")
+    components = kd.load_components(tmp_path / "source", precision="float32", cache=False, progress=False)
+    assert components.family.text_encoder.num_heads == 4
+    assert_matches(our_outputs(components), reference_outputs(pipeline))
+    kd.export(components, tmp_path / "diffusers")
+    assert CLIPTextConfig.from_pretrained(tmp_path / "diffusers" / "text_encoder").num_attention_heads == 4
+
+
 # ------------------------------------------------------------------------------------------------ single file
 
 

@@ -111,22 +111,6 @@ def test_rescaled_latents_have_unit_spread_and_decode_the_same(reference):
     np.testing.assert_allclose(np.asarray(decoder(means(encoder))), decoded, atol=2e-5)
 
 
-def test_centred_crops_hold_the_shape_and_lie_on_the_latent_grid():
-    """Every crop of the autoencoder's batches shows its picture's shape, at a place that is a multiple of 8."""
-    scenes = shapes.sample_scenes(0, 40)
-    pictures = np.stack([shapes.render(scene) for scene in scenes])
-    rows = np.arange(len(scenes), dtype=np.int32)[:, None, None, None] * np.ones((1, 64, 64, 1), np.int32)
-    centres = np.array([scene.centre() for scene in scenes])
-    data = shapes_model.batches({"images": pictures, "rows": rows}, 8, seed=3, crop=32, centres=centres)
-    for batch in data.take(5):
-        for crop, row in zip(np.asarray(batch["images"]), np.asarray(batch["rows"])[:, 0, 0, 0]):
-            colour = np.array(shapes.PALETTE[scenes[row].colour])
-            assert (np.abs(crop.astype(int) - colour).sum(-1) == 0).sum() >= 25, scenes[row]
-            corners = [(y, x) for y in range(0, 33, 8) for x in range(0, 33, 8)
-                       if np.array_equal(pictures[row, y:y + 32, x:x + 32], crop)]
-            assert corners, "the crop is not at a place on the latent grid"
-
-
 def test_box_weights_cover_every_shape_pixel_and_nothing_far_from_it():
     scenes = shapes.sample_scenes(0, 60)
     weights = shapes_model.box_weights(scenes, 4.0)
@@ -201,11 +185,22 @@ def test_the_recipe_trains_a_loadable_model_and_resumes_after_a_kill(tmp_path, m
     with open(os.path.join(whole, "kerasdiffusion.json")) as f:  # what the weights were trained with
         manifest = json.load(f)
     assert manifest["norm_groups"] == {"unet": shapes_model.UNET.norm_groups, "vae": shapes_model.VAE.norm_groups}
+    assert manifest["text_encoder_heads"] == shapes_model.TEXT_ENCODER.num_heads == text_heads(parts) == 4
     # and the manifest's counts are the ones built, whatever the family says
     with open(os.path.join(whole, "kerasdiffusion.json"), "w") as f:
-        json.dump({**manifest, "norm_groups": {"unet": 4, "vae": 2}}, f)
+        json.dump({**manifest, "norm_groups": {"unet": 4, "vae": 2}, "text_encoder_heads": 2}, f)
     parts = load_components(whole, progress=False)
-    assert decoder_groups(parts) == {2} and parts.family.unet.norm_groups == 4
+    assert decoder_groups(parts) == {2} and parts.family.unet.norm_groups == 4 and text_heads(parts) == 2
+    with open(os.path.join(whole, "kerasdiffusion.json"), "w") as f:
+        json.dump({**manifest, "text_encoder_heads": 3}, f)
+    with pytest.raises(ValueError, match="3 attention heads do not divide the text encoder's width 64"):
+        load_components(whole, progress=False)
+
+
+def text_heads(parts):
+    """The text encoder's attention heads (every layer's: one count)."""
+    (count,) = {layer.num_heads for layer in parts.text_encoder.layers if hasattr(layer, "num_heads")}
+    return count
 
 
 def decoder_groups(parts):

@@ -384,17 +384,18 @@ def test_the_shipped_builtin_model_is_issue_16s_and_runs_at_64_pixels(shipped_sh
     converted = sources.resolve(shipped_shapes)
     assert converted.image_size == 64 and converted.tokenizer_dir is None  # the shipped CLIP vocabulary
     assert {array.dtype.name for weights in converted.weights.values() for array in weights.values()} == {"float16"}
-    text_encoder = config.text_encoder_config_from_weights(converted.weights["text_encoder"])
+    text_encoder = config.text_encoder_config_from_weights(converted.weights["text_encoder"], config.SHAPES)
     unet = config.unet_config_from_weights(converted.weights["unet"])
     vae = config.vae_config_from_weights(converted.weights["vae"])
     assert converted.family == "shapes"
     assert converted.norm_groups == {"unet": UNET.norm_groups, "vae": VAE.norm_groups}  # the recipe's, not SD's 32
+    assert converted.text_encoder_heads == TEXT_ENCODER.num_heads == 4  # not CLIP's 64-wide heads' 1
 
     def same(ours, recipe, *fields):
         return all(getattr(ours, field) == getattr(recipe, field) for field in fields)
 
     assert text_encoder.vocab_size == 49408
-    assert same(text_encoder, TEXT_ENCODER, "width", "num_layers", "mlp_dim")
+    assert same(text_encoder, TEXT_ENCODER, "width", "num_layers", "mlp_dim", "num_heads")
     assert same(unet, UNET, "block_channels", "attention_levels", "layers_per_level", "context_dim", "num_heads")
     assert same(vae, VAE, "block_channels", "layers_per_level")
     images = load(shipped_shapes, img_width=None, img_height=None).text_to_image(

@@ -53,8 +53,12 @@ class Converted:
     family: str | None = None
     # Group-norm group counts, ``{"unet": n, "vae": n}``, where the source says them (a diffusers folder's
     # configs' ``norm_num_groups``; a converted folder's manifest); None otherwise, and the family's apply. The
-    # weights cannot tell them: the built-in model's narrow networks use 16 and 8, Stable Diffusion 32.
+    # weights cannot tell them: the built-in model's narrow networks use 16 and 4, Stable Diffusion 32.
     norm_groups: dict | None = None
+    # The text encoder's attention heads where the source says them (a diffusers folder's text encoder config, a
+    # converted folder's manifest); None otherwise, and the family's rule applies. The weights cannot tell them
+    # either: the built-in model's 64-wide text encoder has 4 heads, where CLIP's 64-wide heads would give 1.
+    text_encoder_heads: int | None = None
 
 
 def is_converted_folder(path):
@@ -77,13 +81,24 @@ def _tokenizer_dir(path):
     return folder if (has("vocab.json") and has("merges.txt")) or has("tokenizer.json") else None
 
 
-def _image_size(value, where):
-    """A positive whole number of pixels, or None where the source does not say one."""
+def _positive_count(value, where, what):
+    """A positive whole number, or None where the source does not say one."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CheckpointError(f"{where}: the image size {value!r} is not a positive integer")
+        raise CheckpointError(f"{where}: the {what} {value!r} is not a positive integer")
     return value
+
+
+def _image_size(value, where):
+    return _positive_count(value, where, "image size")
+
+
+def diffusers_text_encoder_heads(path):
+    """The attention heads a diffusers folder's text encoder config gives (``num_attention_heads``)."""
+    config_file = os.path.join(path, "text_encoder", "config.json")
+    config = _read_json(config_file) or {}
+    return _positive_count(config.get("num_attention_heads"), config_file, "number of attention heads")
 
 
 def diffusers_image_size(path):
@@ -154,7 +169,9 @@ def _load_converted_folder(path, lazy=False):
     if family is not None and not isinstance(family, str):
         raise CheckpointError(f"{path}: {MANIFEST} gives a family that is not a string")
     norm_groups = _norm_groups(manifest.get("norm_groups"), os.path.join(path, MANIFEST))
-    return Converted(weights, scheduler, _tokenizer_dir(path), source, image_size, family, norm_groups)
+    heads = _positive_count(manifest.get("text_encoder_heads"), os.path.join(path, MANIFEST),
+                            "number of text encoder attention heads")
+    return Converted(weights, scheduler, _tokenizer_dir(path), source, image_size, family, norm_groups, heads)
 
 
 def convert_source(path, lazy=False):
@@ -177,7 +194,8 @@ def convert_source(path, lazy=False):
             weights = _convert_networks(readers.read_diffusers_folder(path))
             scheduler = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
             return Converted(weights, scheduler, _tokenizer_dir(path), path, diffusers_image_size(path),
-                             norm_groups=diffusers_norm_groups(path))
+                             norm_groups=diffusers_norm_groups(path),
+                             text_encoder_heads=diffusers_text_encoder_heads(path))
         raise CheckpointError(f"{path!r} is a folder but neither a diffusers folder (no unet/) nor a "
                               f"converted one (no {MANIFEST}).")
     if not path.endswith(SINGLE_FILE_SUFFIXES):
@@ -209,6 +227,8 @@ def save_converted(converted, output_dir):
             manifest["family"] = converted.family
         if converted.norm_groups:
             manifest["norm_groups"] = converted.norm_groups
+        if converted.text_encoder_heads is not None:
+            manifest["text_encoder_heads"] = converted.text_encoder_heads
         with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
     return os.path.abspath(output_dir)

@@ -2,14 +2,14 @@
 
     python -m kerasdiffusion.training.shapes_model --out kerasdiffusion/models/shapes --seed 0
 
-Stable Diffusion's architecture, small: a CLIP text encoder (the shipped tokenizer, 2 layers of width 64),
-a UNet with cross-attention at every level (8x8 latents), and a KL autoencoder with the 8x factor, all
-trained here from random weights in five stages:
+Stable Diffusion's architecture, small: a CLIP text encoder (the shipped tokenizer, 2 layers of width 64 with
+4 heads), a UNet with cross-attention at every level (8x8 latents), and a KL autoencoder with the 8x factor,
+all trained here from random weights in five stages:
 
 1. **Data**: scenes from the seed (`kerasdiffusion.shapes`, the held-out combinations excluded), drawn at
    64x64, captioned.
-2. **Autoencoder**: `AutoencoderTrainer` (L1 + KL) on 32x32 crops placed over the shape (a picture is mostly
-   plain background, which a crop anywhere often holds alone); then the latent space is rescaled so that
+2. **Autoencoder**: `AutoencoderTrainer` (L1 + KL) on whole pictures, the error over the shape's box weighed
+   more than the plain background around it (`box_weights`); then the latent space is rescaled so that
    latents times Stable Diffusion's 0.18215 have unit spread (`match_scaling_factor`), so the model needs no
    new constant.
 3. **Latents**: every picture encoded once; the diffusion step samples from the cached posteriors.
@@ -39,10 +39,10 @@ import numpy as np
 from kerasdiffusion import config as C
 from kerasdiffusion import shapes
 
-TEXT_ENCODER = dataclasses.replace(C.SHAPES.text_encoder, width=64, num_layers=2, num_heads=1, mlp_dim=256)
-# Fewer group-norm groups than Stable Diffusion's 32 (the family `config.SHAPES`): with one channel per group a
-# group norm takes away each channel's mean, and with it the colour of a plain picture; 4 to 8 channels per
-# group keep it.
+TEXT_ENCODER = C.SHAPES.text_encoder  # 2 layers of width 64, 4 heads
+# Fewer group-norm groups than Stable Diffusion's 32 (the family `config.SHAPES`: 16 in the UNet, 4 in the
+# autoencoder): with one channel per group a group norm takes away each channel's mean, and with it the colour
+# of a plain picture; several channels per group keep it.
 UNET = dataclasses.replace(C.SHAPES.unet, block_channels=(64, 96, 96), attention_levels=(True, True, True),
                            layers_per_level=1, context_dim=TEXT_ENCODER.width)
 # The autoencoder's two finest levels are its narrowest: their convolutions at full and half resolution cost
@@ -60,17 +60,15 @@ class Recipe:
 
     seed: int = 0
     pictures: int = 20000
-    vae_steps: int = 3000
-    vae_batch_size: int = 32
-    # The autoencoder learns from crops (it is convolutional): a quarter of the work per item. 64 is the whole
-    # picture: its group norms and attention then see what they see when it runs (README, "The built-in model").
-    vae_crop: int = 32
-    vae_centred: bool = True  # crops over the shape, not anywhere: no item is background alone
+    # The autoencoder learns from whole pictures, as it runs: its group norms and its attention take their
+    # statistics over the whole input (crops of a quarter of the picture made small shapes worse; README).
+    vae_steps: int = 4000
+    vae_batch_size: int = 8
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-6
-    vae_box_weight: float = 1.0  # the weight of the pixels of the shape's box in the autoencoder's error (others: 1)
-    diffusion_steps: int = 4000
-    batch_size: int = 32
+    vae_box_weight: float = 4.0  # the weight of the pixels of the shape's box in the autoencoder's error (others: 1)
+    diffusion_steps: int = 8000
+    batch_size: int = 16
     learning_rate: float = 6e-4
     warmup_steps: int = 200
     caption_dropout: float = 0.1
@@ -88,34 +86,18 @@ def pictures(recipe):
     return scenes, images
 
 
-def batches(arrays, batch_size, seed, first_step=0, crop=None, centres=None):
+def batches(arrays, batch_size, seed, first_step=0):
     """An endless `tf.data.Dataset` whose step ``k`` batch is rows drawn from ``(seed, k)``: a resumed run
-    sees the batches an uninterrupted one would have. With ``crop``, each item is a ``crop`` x ``crop`` square
-    of its picture on the latent grid (every 8 pixels): at a random place, or, given each row's shape
-    ``centres`` (``[N, 2]``, x and y), at the grid place nearest to centring the shape, moved by up to 6
-    pixels either way."""
+    sees the batches an uninterrupted one would have."""
     import tensorflow as tf
 
     count = len(next(iter(arrays.values())))
-    last = shapes.RESOLUTION - (crop or 0)
 
     def batch(step):
-        rng = np.random.default_rng((seed, int(step)))
-        rows = rng.integers(count, size=batch_size)
-        if crop is None:
-            return tuple(array[rows] for array in arrays.values())
-        if centres is None:
-            places = 8 * rng.integers(last // 8 + 1, size=(batch_size, 2))
-        else:
-            corners = centres[rows] - crop / 2 + rng.integers(-6, 7, size=(batch_size, 2))
-            places = np.clip(8 * np.round(corners / 8), 0, last).astype(int)
-        return tuple(np.stack([array[row, y:y + crop, x:x + crop] for row, (x, y) in zip(rows, places)])
-                     for array in arrays.values())
+        rows = np.random.default_rng((seed, int(step))).integers(count, size=batch_size)
+        return tuple(array[rows] for array in arrays.values())
 
-    def item_shape(array):
-        return array.shape[1:] if crop is None else (crop, crop, *array.shape[3:])
-
-    signature = tuple(tf.TensorSpec((batch_size, *item_shape(array)), tf.as_dtype(array.dtype))
+    signature = tuple(tf.TensorSpec((batch_size, *array.shape[1:]), tf.as_dtype(array.dtype))
                       for array in arrays.values())
 
     def generator():
@@ -183,13 +165,11 @@ def train_autoencoder(recipe, scenes, images, work, log=print, jit_compile=True,
     trainer = AutoencoderTrainer(encoder, decoder, kl_weight=recipe.kl_weight, seed=recipe.seed)
     trainer.compile(optimizer=_optimizer(recipe.vae_learning_rate, recipe.vae_steps, 100), jit_compile=jit_compile,
                     run_eagerly=run_eagerly)
-    centres = np.array([scene.centre() for scene in scenes]) if recipe.vae_centred else None
     arrays = {"images": images}
     if recipe.vae_box_weight != 1:
         arrays["weights"] = box_weights(scenes, recipe.vae_box_weight)
-    _fit(trainer, lambda first: batches(arrays, recipe.vae_batch_size, recipe.seed + 1, first, recipe.vae_crop,
-                                        centres),
-         recipe.vae_steps, os.path.join(work, "autoencoder.safetensors"), log, "autoencoder")
+    _fit(trainer, lambda first: batches(arrays, recipe.vae_batch_size, recipe.seed + 1, first), recipe.vae_steps,
+         os.path.join(work, "autoencoder.safetensors"), log, "autoencoder")
     factor = match_scaling_factor(encoder, decoder, images[:2048], VAE.scaling_factor)
     log(f"autoencoder: latents multiplied by {factor:.4f} to unit spread at scaling factor {VAE.scaling_factor}")
     return encoder, decoder
@@ -232,7 +212,7 @@ def train_diffusion(recipe, scenes, images, encoder, decoder, work, log=print, j
 
 def save_model(parts, out):
     """Stage 5: the networks' weights as a converted folder in float16. Its manifest names the group-norm group
-    counts the networks were trained with, which the weights cannot tell."""
+    counts and the text encoder's heads the networks were trained with, which the weights cannot tell."""
     from kerasdiffusion.exporting import network_weights
     from weights_conversion.convert import Converted, save_converted
 
@@ -242,7 +222,8 @@ def save_model(parts, out):
     return save_converted(Converted(weights, scheduler_config=scheduler, source=SOURCE_NAME,
                                     image_size=parts.image_size, family=parts.family.name,
                                     norm_groups={"unet": parts.family.unet.norm_groups,
-                                                 "vae": parts.family.vae.norm_groups}), out)
+                                                 "vae": parts.family.vae.norm_groups},
+                                    text_encoder_heads=parts.family.text_encoder.num_heads), out)
 
 
 def train(recipe, out, work, log=print, jit_compile=True, run_eagerly=False):
