@@ -31,6 +31,7 @@ from kerasdiffusion.tokenizer import CLIPTokenizer
 from kerasdiffusion.unet import build_unet
 from kerasdiffusion.vae import build_decoder, build_image_encoder, split_weights
 from kerasdiffusion.weights import check_all
+from weights_conversion.errors import CheckpointError
 
 
 def default_precision():
@@ -149,7 +150,7 @@ def _family(converted):
     if converted.family is None:
         family = C.family_from_weights(converted.weights["text_encoder"])
     elif converted.family not in C.FAMILIES:
-        raise ValueError(f"{converted.source}: unknown model family {converted.family!r}; this version knows "
+        raise CheckpointError(f"{converted.source}: unknown model family {converted.family!r}; this version knows "
                          f"{', '.join(C.FAMILIES)}")
     else:
         family = C.FAMILIES[converted.family]
@@ -160,7 +161,7 @@ def _family(converted):
     text_encoder = C.text_encoder_config_from_weights(converted.weights["text_encoder"], family)
     if heads is not None and heads != text_encoder.num_heads:
         if text_encoder.width % heads:
-            raise ValueError(f"{converted.source}: {heads} attention heads do not divide the text encoder's width "
+            raise CheckpointError(f"{converted.source}: {heads} attention heads do not divide the text encoder's width "
                              f"{text_encoder.width}")
         changes["text_encoder"] = dataclasses.replace(family.text_encoder, width=text_encoder.width, num_heads=heads)
     return dataclasses.replace(family, **changes) if changes else family

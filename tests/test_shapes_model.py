@@ -1,8 +1,8 @@
 """The built-in ``kerasdiffusion/shapes`` model: prompts steer its pictures, measured from the pixels, and
 diffusers draws the same pictures from its export, which loads back here as the same model.
 
-The adherence figures (`shapes_model.adherence`) are printed with ``pytest -s``; the README's table comes
-from ``python benchmarks/shapes_adherence.py``, with more generations per task.
+The adherence figures (`shapes_model.adherence`) are printed with ``pytest -s``; they are the README's table,
+which ``python benchmarks/shapes_adherence.py`` prints.
 """
 
 import os
@@ -17,17 +17,17 @@ from kerasdiffusion import shapes
 from kerasdiffusion.training import shapes_model
 from tests import reference as R
 
-# The issue's targets for text to image, the share of pictures that show what the prompt asks. The model shipped
-# now reaches them for background, colour and position; shape is 76% in the README's table (200 prompts, chance
-# 33%: small shapes of held-out combinations fail most, README "The built-in model"). The test holds each task
-# to what the shipped model was measured to do here (background and colour 60/60, 20/20, 20/20; position 41/41,
-# 20/20, 14/14; shape 48/60, 13/20, 18/20), with a margin for other CPUs' rounding, so that a change that loses
-# it fails here.
+# The issue's targets for text to image: the share of pictures that show what the prompt asks. The test asks
+# the README table's 200 prompts (a third held-out combinations), where the shipped model gives background and
+# colour 200/200, shape 166/200 and position 140/140, and holds text to image to the targets themselves. The
+# edits have no targets of their own: each is held to what the shipped model was measured to do on the same
+# 200 tasks (background and colour 200/200; shape 146/200 inpainting and 161/200 recolouring; position
+# 200/200 and 152/152), with a margin for other CPUs' rounding, so that a change that loses it fails here.
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.80, "position": 0.80}
-FLOORS = {"text_to_image": {"background": 0.95, "colour": 0.95, "shape": 0.7, "position": 0.95},
-          "inpaint (left half)": {"background": 0.95, "colour": 0.95, "shape": 0.5, "position": 0.95},
-          "image_to_image (recolour, strength 0.75)": {"background": 0.95, "colour": 0.95, "shape": 0.75,
-                                                       "position": 0.9}}
+FLOORS = {"text_to_image": TARGETS,
+          "inpaint (left half)": {"background": 0.95, "colour": 0.95, "shape": 0.65, "position": 0.95},
+          "image_to_image (recolour, strength 0.75)": {"background": 0.95, "colour": 0.95, "shape": 0.72,
+                                                       "position": 0.95}}
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +50,17 @@ def test_the_model_is_small_and_draws_at_its_own_size(sd):
 
 
 def test_prompts_steer_the_pictures(sd):
-    """60 text-to-image generations, a third of them combinations held out of training, and 20 inpainting and
-    20 image-to-image runs, read back from the pixels: each at least what the shipped model was measured to do."""
-    results = shapes_model.adherence(sd, count=60, edits=20)
+    """200 generations per task (text to image, inpainting, image to image), a third of them combinations held
+    out of training, read back from the pixels: text to image meets the issue's targets, and each edit at least
+    what the shipped model was measured to do."""
+    results = shapes_model.adherence(sd, count=200)
     for task, tally in results.items():
         print(task, {attribute: f"{hits}/{asked}" for attribute, (hits, asked) in tally.items()})
-    assert results["text_to_image"]["background"][1] >= 60
+    assert results["text_to_image"]["background"][1] >= 200
     for task, floors in FLOORS.items():
         measured = rates(results[task])
         for attribute, floor in floors.items():
             assert measured[attribute] >= floor, (task, attribute, measured[attribute])
-    print("issue targets met:", {a: rates(results["text_to_image"])[a] >= t for a, t in TARGETS.items()})
 
 
 def test_diffusers_draws_the_same_pictures_from_the_export(sd, tmp_path):

@@ -24,6 +24,7 @@ from kerasdiffusion.training import shapes_model
 from kerasdiffusion.training.autoencoder import AutoencoderTrainer, kl_divergence, match_scaling_factor
 from tests import reference as R
 from weights_conversion import keras_names
+from weights_conversion.errors import CheckpointError
 
 KL_WEIGHT = 0.05  # large, so that the KL term weighs in the comparison
 
@@ -193,7 +194,7 @@ def test_the_recipe_trains_a_loadable_model_and_resumes_after_a_kill(tmp_path, m
     assert decoder_groups(parts) == {2} and parts.family.unet.norm_groups == 4 and text_heads(parts) == 2
     with open(os.path.join(whole, "kerasdiffusion.json"), "w") as f:
         json.dump({**manifest, "text_encoder_heads": 3}, f)
-    with pytest.raises(ValueError, match="3 attention heads do not divide the text encoder's width 64"):
+    with pytest.raises(CheckpointError, match="3 attention heads do not divide the text encoder's width 64"):
         load_components(whole, progress=False)
 
 

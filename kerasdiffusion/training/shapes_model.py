@@ -66,7 +66,9 @@ class Recipe:
     vae_batch_size: int = 8
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-6
-    vae_box_weight: float = 4.0  # the weight of the pixels of the shape's box in the autoencoder's error (others: 1)
+    # The weight of the pixels of the shape's box in the autoencoder's error (others: 1). Read back alone, an
+    # autoencoder trained at 4 gives small shapes right 102 times of 162, at 16 125 times (README).
+    vae_box_weight: float = 16.0
     diffusion_steps: int = 8000
     batch_size: int = 16
     learning_rate: float = 6e-4
