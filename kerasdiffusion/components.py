@@ -150,8 +150,8 @@ def _family(converted):
     if converted.family is None:
         family = C.family_from_weights(converted.weights["text_encoder"])
     elif converted.family not in C.FAMILIES:
-        raise CheckpointError(f"{converted.source}: unknown model family {converted.family!r}; this version knows "
-                         f"{', '.join(C.FAMILIES)}")
+        raise CheckpointError(f"{converted.source}: unknown model family {converted.family!r}; this version "
+                              f"knows {', '.join(C.FAMILIES)}")
     else:
         family = C.FAMILIES[converted.family]
     changes = {network: dataclasses.replace(getattr(family, network), norm_groups=count)
@@ -161,8 +161,8 @@ def _family(converted):
     text_encoder = C.text_encoder_config_from_weights(converted.weights["text_encoder"], family)
     if heads is not None and heads != text_encoder.num_heads:
         if text_encoder.width % heads:
-            raise CheckpointError(f"{converted.source}: {heads} attention heads do not divide the text encoder's width "
-                             f"{text_encoder.width}")
+            raise CheckpointError(f"{converted.source}: {heads} attention heads do not divide the text encoder's "
+                                  f"width {text_encoder.width}")
         changes["text_encoder"] = dataclasses.replace(family.text_encoder, width=text_encoder.width, num_heads=heads)
     return dataclasses.replace(family, **changes) if changes else family
 

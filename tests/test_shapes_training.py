@@ -196,6 +196,10 @@ def test_the_recipe_trains_a_loadable_model_and_resumes_after_a_kill(tmp_path, m
         json.dump({**manifest, "text_encoder_heads": 3}, f)
     with pytest.raises(CheckpointError, match="3 attention heads do not divide the text encoder's width 64"):
         load_components(whole, progress=False)
+    with open(os.path.join(whole, "kerasdiffusion.json"), "w") as f:
+        json.dump({**manifest, "family": "sd9"}, f)
+    with pytest.raises(CheckpointError, match="unknown model family 'sd9'; this version knows sd1, sd2"):
+        load_components(whole, progress=False)
 
 
 def text_heads(parts):
